@@ -1,0 +1,1 @@
+"""Solvers for the small K x K problems behind the strategies."""

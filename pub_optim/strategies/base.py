@@ -1,0 +1,122 @@
+"""The extension point: an :class:`UpdateBalancer` maps a K x K Gram matrix to K task weights.
+
+PUB (Yuan, Cai, Dong, "A Parameter Update Balancing Algorithm for Multi-task Ranking Models in
+Recommendation Systems", arXiv:2410.05806) computes the Gram matrix ``G[i, j] = <d_i, d_j>`` of the
+per-task *updates* ``d_k`` and chooses weights ``alpha`` from it alone. The same balancers applied
+to the Gram matrix of per-task *gradients* are the classic gradient-balancing baselines.
+
+A new strategy is one short subclass that implements :meth:`UpdateBalancer.raw_weights`. The base
+class does everything that is common to all of them:
+
+* validation: a square, symmetric (it is symmetrised), finite matrix, else ``ValueError``;
+* scale: the matrix is divided by its mean diagonal before ``raw_weights`` sees it, so every
+  strategy works on numbers of order one whatever the scale of the updates (1e-12 .. 1e12);
+* degenerate geometry, by a documented rule (see :meth:`UpdateBalancer.__call__`);
+* normalisation: by default the weights sum to one, so that the balancer chooses the mixture and
+  the wrapped optimizer keeps its step size (our decision: the paper is silent on it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Normalization = Literal["sum", "none"]
+
+#: A task whose update has a squared norm below this fraction of the largest one counts as zero.
+ZERO_UPDATE_RTOL = 1e-12
+
+
+class UpdateBalancer(ABC):
+    """Base class of the task-weighting strategies.
+
+    Args:
+        normalization: ``"sum"`` (default) rescales the weights to sum to one; ``"none"`` returns
+            the strategy's own raw weights, in the units of the Gram matrix it was given (e.g. the
+            Nash bargaining weights of Nash-MTL, whose joint update has squared norm K).
+
+    Calling a balancer on a Gram matrix ``G`` returns a float64 tensor of K weights on G's device.
+    Degenerate cases follow one rule for every Gram-based strategy:
+
+    * all updates zero (``trace(G) == 0``): equal weights ``1/K``;
+    * some updates zero (squared norm below ``1e-12`` times the largest): those tasks get weight
+      0 and the strategy balances the others among themselves;
+    * anything else a strategy cannot resolve (e.g. no equal-projection solution with a positive
+      sum) is handled by that strategy and described in its docstring; no exception escapes from
+      a solver.
+    """
+
+    #: Registry name, e.g. ``"pareto"``.
+    name: str = ""
+    #: Whether zero updates are dropped before :meth:`raw_weights` (False for G-free baselines).
+    uses_gram: bool = True
+
+    def __init__(self, normalization: Normalization = "sum") -> None:
+        if normalization not in ("sum", "none"):
+            raise ValueError(f"normalization must be 'sum' or 'none', got {normalization!r}")
+        self.normalization: Normalization = normalization
+
+    @abstractmethod
+    def raw_weights(self, gram: Tensor) -> Tensor:
+        """Weights for a float64 Gram matrix with mean diagonal 1 and no zero row.
+
+        Returns K weights (float64, same device). Called with ``K >= 1``.
+        """
+
+    def rescale_raw(self, weights: Tensor, scale: float | Tensor) -> Tensor:
+        """Map raw weights computed on ``G / scale`` back to the units of ``G``.
+
+        Strategies whose raw weights are scale-free (they sum to one) keep the default.
+        """
+        return weights
+
+    def __call__(self, gram: Tensor) -> Tensor:
+        gram = validate_gram(gram)
+        k = gram.shape[0]
+        if not self.uses_gram:
+            return self._normalize(self.raw_weights(gram))
+        diag = torch.diagonal(gram)
+        largest = diag.max()
+        if not bool(largest > 0):
+            return torch.full((k,), 1.0 / k, dtype=torch.float64, device=gram.device)
+        active = diag > ZERO_UPDATE_RTOL * largest
+        if bool(active.all()):
+            scale = diag.mean()
+            weights = self.rescale_raw(self.raw_weights(gram / scale), scale)
+        else:
+            sub = gram[active][:, active]
+            scale = torch.diagonal(sub).mean()
+            weights = torch.zeros(k, dtype=torch.float64, device=gram.device)
+            weights[active] = self.rescale_raw(self.raw_weights(sub / scale), scale)
+        return self._normalize(weights)
+
+    def _normalize(self, weights: Tensor) -> Tensor:
+        if self.normalization == "none":
+            return weights
+        total = weights.sum()
+        if not bool(total > 1e-12 * weights.abs().sum()):
+            raise FloatingPointError(  # pragma: no cover - strategies guarantee a positive sum
+                f"{type(self).__name__} produced weights with a non-positive sum: {weights}"
+            )
+        return weights / total
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(normalization={self.normalization!r})"
+
+
+def validate_gram(gram: Tensor) -> Tensor:
+    """Check that ``gram`` is a finite square matrix; return it symmetrised, in float64."""
+    if not isinstance(gram, Tensor):
+        raise TypeError(f"the Gram matrix must be a torch.Tensor, got {type(gram).__name__}")
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
+        raise ValueError(f"the Gram matrix must be square K x K with K >= 1, got {tuple(gram.shape)}")
+    gram = gram.detach().to(torch.float64)
+    if not bool(torch.isfinite(gram).all()):
+        raise ValueError(
+            "the Gram matrix has non-finite entries: some task update or gradient is NaN or "
+            "infinite (check the losses, lower the learning rate, or use a GradScaler)"
+        )
+    return 0.5 * (gram + gram.T)
