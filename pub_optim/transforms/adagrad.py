@@ -1,0 +1,54 @@
+"""Adagrad (Duchi, Hazan, Singer, JMLR 2011) with learning-rate decay and weight decay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import ParamContext, UpdateTransform, flat, scalar, signed
+
+
+class AdagradTransform(UpdateTransform):
+    """Look-ahead of ``torch.optim.Adagrad`` (dense gradients).
+
+    ``S_k = S + e_k^2``, ``d_k = -lr / (1 + (t - 1) lr_decay) * e_k / (sqrt(S_k) + eps)``.
+    Adagrad creates its state in its constructor, so there is never new state to insert.
+    """
+
+    def begin(self, param: Tensor, group: dict[str, Any]) -> ParamContext:
+        state = self.optimizer.state[param]
+        ctx = ParamContext(param, group, state, new_state=False)
+        ctx.flat = {"param": flat(param), "sum": flat(state["sum"])}
+        step = scalar(state["step"]) + 1.0
+        ctx.scalars = {
+            "clr": scalar(group["lr"]) / (1.0 + (step - 1.0) * float(group["lr_decay"])),
+            "eps": float(group["eps"]),
+            "wd": float(group["weight_decay"]),
+        }
+        return ctx
+
+    def _effective(self, ctx: ParamContext, lo: int, hi: int, grads: Tensor) -> Tensor:
+        grads = signed(grads, ctx.group)
+        if ctx.scalars["wd"] != 0.0:
+            grads = grads + ctx.scalars["wd"] * ctx.view("param", lo, hi)
+        return grads
+
+    def lookahead(self, ctx: ParamContext, lo: int, hi: int, grads: Tensor, out: Tensor) -> None:
+        e = self._effective(ctx, lo, hi, grads)
+        std = (
+            torch.addcmul(ctx.view("sum", lo, hi).expand_as(e), e, e)
+            .sqrt_()
+            .add_(ctx.scalars["eps"])
+        )
+        torch.div(e, std, out=out)
+        out.mul_(-ctx.scalars["clr"])
+
+    def commit(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor, update: Tensor) -> None:
+        e = self._effective(ctx, lo, hi, grad)
+        ctx.view("sum", lo, hi).addcmul_(e, e, value=1.0)
+        ctx.view("param", lo, hi).add_(update)
+
+    def finish(self, ctx: ParamContext) -> None:
+        ctx.state["step"] += 1

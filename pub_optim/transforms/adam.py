@@ -1,0 +1,102 @@
+"""Adam and AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), amsgrad (Reddi et al. 2018)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .base import ParamContext, UpdateTransform, flat, scalar, signed
+
+
+class AdamTransform(UpdateTransform):
+    """Look-ahead of ``torch.optim.Adam`` / ``AdamW`` with every option but ``differentiable``.
+
+    For task ``k`` with step ``t`` (already incremented):
+    ``m_k = b1 m + (1-b1) g_k``, ``v_k = b2 v + (1-b2) g_k^2`` (amsgrad: ``max(v_max, v_k)``),
+    ``d_k = -lr/(1-b1^t) * m_k / (sqrt(v_k)/sqrt(1-b2^t) + eps)``. L2 weight decay adds
+    ``wd * theta`` to ``g_k`` (as torch does); decoupled weight decay scales ``theta`` by
+    ``1 - lr*wd`` once, in ``commit``.
+    """
+
+    def begin(self, param: Tensor, group: dict[str, Any]) -> ParamContext:
+        state = self.optimizer.state.get(param, {})
+        new = len(state) == 0
+        if new:
+            on_device = group.get("capturable", False) or group.get("fused", False)
+            state = {
+                "step": torch.zeros(
+                    (), dtype=_get_scalar_dtype(is_fused=group.get("fused")), device=param.device
+                )
+                if on_device
+                else torch.tensor(0.0, dtype=_get_scalar_dtype()),
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(
+                    param, memory_format=torch.preserve_format
+                )
+        ctx = ParamContext(param, group, state, new)
+        ctx.flat = {
+            "param": flat(param),
+            "m": flat(state["exp_avg"]),
+            "v": flat(state["exp_avg_sq"]),
+        }
+        if group["amsgrad"]:
+            ctx.flat["vmax"] = flat(state["max_exp_avg_sq"])
+        beta1, beta2 = (scalar(b) for b in group["betas"])
+        step = scalar(state["step"]) + 1.0
+        lr = scalar(group["lr"])
+        ctx.scalars = {
+            "beta1": beta1,
+            "beta2": beta2,
+            "lr": lr,
+            "eps": float(group["eps"]),
+            "wd": float(group["weight_decay"]),
+            "step_size": lr / (1.0 - beta1**step),
+            "bc2_sqrt": math.sqrt(1.0 - beta2**step),
+        }
+        ctx.scalars["decoupled"] = float(bool(group.get("decoupled_weight_decay", False)))
+        return ctx
+
+    def _effective(self, ctx: ParamContext, lo: int, hi: int, grads: Tensor) -> Tensor:
+        grads = signed(grads, ctx.group)
+        wd = ctx.scalars["wd"]
+        if wd != 0.0 and not ctx.scalars["decoupled"]:
+            grads = grads + wd * ctx.view("param", lo, hi)
+        return grads
+
+    def lookahead(self, ctx: ParamContext, lo: int, hi: int, grads: Tensor, out: Tensor) -> None:
+        s = ctx.scalars
+        g = self._effective(ctx, lo, hi, grads)
+        m = ctx.view("m", lo, hi)
+        v = ctx.view("v", lo, hi)
+        # out <- m_k ; denom <- v_k, transformed in place to sqrt(v_k)/bc2 + eps.
+        torch.lerp(m.expand_as(g), g, 1.0 - s["beta1"], out=out)
+        denom = torch.addcmul(v * s["beta2"], g, g, value=1.0 - s["beta2"])
+        if "vmax" in ctx.flat:
+            torch.maximum(denom, ctx.view("vmax", lo, hi), out=denom)
+        denom.sqrt_().div_(s["bc2_sqrt"]).add_(s["eps"])
+        out.div_(denom).mul_(-s["step_size"])
+
+    def commit(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor, update: Tensor) -> None:
+        s = ctx.scalars
+        g = self._effective(ctx, lo, hi, grad)
+        v = ctx.view("v", lo, hi)
+        ctx.view("m", lo, hi).lerp_(g, 1.0 - s["beta1"])
+        v.mul_(s["beta2"]).addcmul_(g, g, value=1.0 - s["beta2"])
+        if "vmax" in ctx.flat:
+            vmax = ctx.view("vmax", lo, hi)
+            torch.maximum(vmax, v, out=vmax)
+        theta = ctx.view("param", lo, hi)
+        if s["decoupled"] and s["wd"] != 0.0:
+            theta.mul_(1.0 - s["lr"] * s["wd"])
+        theta.add_(update)
+
+    def finish(self, ctx: ParamContext) -> None:
+        super().finish(ctx)
+        ctx.state["step"] += 1

@@ -1,0 +1,630 @@
+"""``PUB``: wrap any ``torch.optim`` optimizer so that it balances tasks on its own updates.
+
+Yuan, Cai, Dong, "A Parameter Update Balancing Algorithm for Multi-task Ranking Models in
+Recommendation Systems", arXiv:2410.05806. One step, K tasks, shared parameters theta:
+
+1. per-task gradients ``g_k`` of the shared parameters (:meth:`PUB.backward`);
+2. per-task look-ahead updates ``d_k = T(g_k; S)`` from the shared optimizer state ``S``,
+   without changing it;
+3. Gram matrix ``G = [<d_i, d_j>]`` (accumulated in float64);
+4. weights ``alpha = strategy(G)``, normalised to sum to one by default;
+5. ``theta <- theta + sum_k alpha_k d_k`` (decoupled weight decay exactly once);
+6. the state advances as if the optimizer had received ``g* = sum_k alpha_k g_k``.
+
+Task-specific parameters (reached by one task) take the wrapped optimizer's ordinary step on their
+own gradient. ``space="gradient"`` runs the same strategies on the gradients' Gram matrix followed
+by an ordinary step on ``g*``: the MGDA / IMTL-G / Nash-MTL baselines.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .partition import task_owners
+from .stats import BalanceStats
+from .strategies import StrategyLike, UpdateBalancer, get_strategy
+from .transforms import UpdateTransform, exact_transform_for
+from .transforms.base import ParamContext
+from .transforms.generic import GenericLookahead
+
+Space = Literal["update", "gradient"]
+BetweenSolves = Literal["weighted_gradient", "reuse_weights"]
+TaskLosses = Sequence[Tensor] | Mapping[str, Tensor]
+
+#: Column chunk of the elementwise work on CPU: the ``K x chunk`` temporaries stay in cache.
+DEFAULT_CPU_CHUNK = 1 << 16
+
+
+class PUB(torch.optim.Optimizer):
+    """Parameter Update Balancing around an existing optimizer.
+
+    Example::
+
+        opt = PUB(torch.optim.Adam(model.parameters(), lr=1e-3), strategy="pareto")
+        opt.zero_grad()
+        opt.backward({"ctr": loss_ctr, "cvr": loss_cvr})
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # optional
+        opt.step()
+
+    Args:
+        optimizer: the wrapped optimizer. Exact look-ahead transforms exist for ``SGD``, ``Adam``,
+            ``AdamW``, ``RMSprop`` and ``Adagrad``; any other elementwise optimizer takes the
+            generic snapshot-and-restore path (K extra ``step()`` calls per step).
+        strategy: ``"pareto"`` (default, the paper's choice), ``"min-norm"``,
+            ``"equal-magnitude"``, ``"equal"``, a sequence of fixed weights, or an
+            :class:`~pub_optim.UpdateBalancer`.
+        space: ``"update"`` balances the look-ahead updates (PUB); ``"gradient"`` balances the
+            raw gradients and steps on their weighted sum (MGDA, IMTL-G, Nash-MTL).
+        shared_params: the parameters to balance. ``None``: every optimizer parameter that more
+            than one task's loss reaches, discovered from the autograd graph on the first
+            :meth:`backward` (pass them explicitly when the graph changes between steps, e.g.
+            with routed experts).
+        solve_every: re-solve the weights every N steps (the paper: 10). In between, see
+            ``between_solves``.
+        between_solves: ``"weighted_gradient"`` (default): between solves the step costs what a
+            plain step costs: :meth:`backward` runs one backward pass of ``sum_k alpha_k L_k``
+            with the last weights and the wrapped optimizer steps on it. This applies
+            ``T(sum_k alpha_k g_k)`` where a solve step applies ``sum_k alpha_k T(g_k)``: exact for
+            SGD, an approximation for adaptive optimizers (task-specific gradients are rescaled
+            by ``1/alpha_k`` so they still take their own ordinary step). ``"reuse_weights"``:
+            K backward passes and K look-aheads as usual, only the Gram matrix and the solve are
+            skipped (``sum_k alpha_k T(g_k)`` with the last weights).
+        check_finite: raise ``FloatingPointError`` on non-finite losses or gradients, leaving
+            parameters and state untouched (costs one host sync per step on CUDA).
+        chunk_size: columns per block of the elementwise work (default 65536 on CPU, whole
+            tensors on CUDA).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        strategy: StrategyLike = "pareto",
+        *,
+        space: Space = "update",
+        shared_params: Iterable[Tensor] | None = None,
+        solve_every: int = 1,
+        between_solves: BetweenSolves = "weighted_gradient",
+        check_finite: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"PUB wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, PUB):
+            raise TypeError("the optimizer is already wrapped in PUB")
+        if space not in ("update", "gradient"):
+            raise ValueError(f"space must be 'update' or 'gradient', got {space!r}")
+        if not isinstance(solve_every, int) or solve_every < 1:
+            raise ValueError(f"solve_every must be a positive integer, got {solve_every!r}")
+        if between_solves not in ("weighted_gradient", "reuse_weights"):
+            raise ValueError(
+                "between_solves must be 'weighted_gradient' or 'reuse_weights', "
+                f"got {between_solves!r}"
+            )
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.optimizer = optimizer
+        self.balancer: UpdateBalancer = get_strategy(strategy)
+        self.space: Space = space
+        self.solve_every = solve_every
+        self.between_solves: BetweenSolves = between_solves
+        self.check_finite = check_finite
+        self.chunk_size = chunk_size
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = (
+            OrderedDict()
+        )
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = (
+            OrderedDict()
+        )
+        self._patch_step_function()
+        self._transform: UpdateTransform | None = exact_transform_for(optimizer)
+        if self._transform is not None:
+            for group in optimizer.param_groups:
+                self._transform.validate_group(group)
+        self._explicit_shared: list[Tensor] | None = None
+        if shared_params is not None:
+            self._explicit_shared = list(dict.fromkeys(shared_params))
+            known = {id(p) for p in self._all_params()}
+            missing = [i for i, p in enumerate(self._explicit_shared) if id(p) not in known]
+            if missing:
+                raise ValueError(
+                    f"shared_params[{missing[0]}] (shape {tuple(self._explicit_shared[missing[0]].shape)}) "
+                    "is not a parameter of the wrapped optimizer: add it to the optimizer's "
+                    "param_groups first"
+                )
+            if not self._explicit_shared:
+                raise ValueError("shared_params is empty: PUB needs at least one shared parameter")
+        # Balancer state (persisted by state_dict).
+        self._task_names: tuple[str, ...] | None = None
+        self._weights: Tensor | None = None
+        self._step_count = 0
+        self.last_stats: BalanceStats | None = None
+        # Per-step state (not persisted: dropped by zero_grad and step).
+        self._shared: list[Tensor] | None = None
+        self._owners: dict[int, list[int]] = {}
+        self._task_grads: list[Tensor] = []
+        self._reached: list[bool] = []
+        self._grad_marks: list[tuple[int, int] | None] = []
+        self._pending: Literal["full", "weighted"] | None = None
+
+    # ------------------------------------------------------------------ torch.optim.Optimizer API
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (
+            f"PUB({type(self.optimizer).__name__}, strategy={self.balancer!r}, space={self.space!r},"
+            f" solve_every={self.solve_every})"
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        if self._transform is not None:
+            self._transform.validate_group(self.optimizer.param_groups[-1])
+        self._shared = None  # rediscover the partition on the next backward
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._pending = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "pub": {
+                "step": self._step_count,
+                "task_names": None if self._task_names is None else list(self._task_names),
+                "weights": None if self._weights is None else self._weights.cpu().tolist(),
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "optimizer" not in state_dict or "pub" not in state_dict:
+            raise ValueError(
+                "not a PUB state_dict (expected keys 'optimizer' and 'pub'); to load a plain "
+                "optimizer's state use pub.optimizer.load_state_dict(...)"
+            )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        pub = state_dict["pub"]
+        self._step_count = int(pub["step"])
+        names = pub.get("task_names")
+        self._task_names = None if names is None else tuple(names)
+        weights = pub.get("weights")
+        self._weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+        self._pending = None
+
+    # ------------------------------------------------------------------------------- backward
+    def backward(self, losses: TaskLosses, *, retain_graph: bool = False) -> None:
+        """Compute and keep the per-task gradients of the shared parameters.
+
+        Args:
+            losses: one scalar loss per task, as a sequence or a ``{name: loss}`` mapping (the
+                same tasks, in the same order, at every step).
+            retain_graph: keep the graph after the last task's backward pass.
+
+        Task-specific parameters receive their gradient in ``.grad`` as usual; shared parameters
+        receive the sum of the per-task gradients in ``.grad`` (so that clipping, GradScaler and
+        logging work on them as on any optimizer; see :meth:`step` for how changes to it are
+        carried over). Calling it several times before :meth:`step` accumulates.
+        """
+        names, tensors = self._check_losses(losses)
+        if self._shared is None:
+            self._discover(tensors)
+        assert self._shared is not None
+        weighted = self._pending != "full" and self._use_weighted_backward()
+        with torch.enable_grad():
+            if weighted:
+                self._backward_weighted(tensors)
+            else:
+                self._backward_per_task(tensors, retain_graph)
+
+    def _check_losses(self, losses: TaskLosses) -> tuple[tuple[str, ...], list[Tensor]]:
+        if isinstance(losses, Mapping):
+            names = tuple(str(n) for n in losses)
+            tensors = list(losses.values())
+        elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
+            tensors = list(losses)
+            names = tuple(f"task{k}" for k in range(len(tensors)))
+        else:
+            raise TypeError(
+                "losses must be a sequence of scalar tensors or a {name: loss} mapping, "
+                f"got {type(losses).__name__}"
+            )
+        if not tensors:
+            raise ValueError("backward() got no losses: pass one scalar loss per task")
+        for name, loss in zip(names, tensors, strict=True):
+            if not isinstance(loss, Tensor):
+                raise TypeError(
+                    f"the loss of task {name!r} is a {type(loss).__name__}, not a Tensor"
+                )
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"the loss of task {name!r} has shape {tuple(loss.shape)}; each task loss must "
+                    "be a scalar (reduce it with .mean() or .sum())"
+                )
+            if not loss.requires_grad or loss.grad_fn is None:
+                raise ValueError(
+                    f"the loss of task {name!r} does not depend on any parameter that requires "
+                    "grad (was it computed under torch.no_grad() or from detached tensors?)"
+                )
+        if self._task_names is not None and names != self._task_names:
+            raise ValueError(
+                f"backward() got tasks {list(names)} but this optimizer balances "
+                f"{list(self._task_names)}: pass the same tasks, in the same order, at every step"
+            )
+        if self.check_finite:
+            values = torch.stack([loss.detach().reshape(()).float() for loss in tensors])
+            finite = torch.isfinite(values)
+            if not bool(finite.all()):
+                bad = [n for n, ok in zip(names, finite.tolist(), strict=True) if not ok]
+                raise FloatingPointError(
+                    f"non-finite loss for task(s) {bad}: nothing was changed; check the inputs and "
+                    "the learning rate, or skip this batch"
+                )
+        self._task_names = names
+        return names, tensors
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _discover(self, losses: list[Tensor]) -> None:
+        params = self._all_params()
+        owners = task_owners(losses, params)
+        assert self._task_names is not None
+        for k, name in enumerate(self._task_names):
+            if not any(k in ts for ts in owners.values()):
+                raise ValueError(
+                    f"the loss of task {name!r} reaches no parameter of the wrapped optimizer: "
+                    "add the parameters it depends on to the optimizer"
+                )
+        if self._explicit_shared is not None:
+            shared = self._explicit_shared
+        else:
+            shared = [p for p in params if len(owners[id(p)]) > 1]
+            if not shared:
+                raise ValueError(
+                    "no parameter is reached by more than one task, so there is nothing to "
+                    "balance: pass shared_params explicitly, or use the plain optimizer"
+                )
+        self._shared = shared
+        self._owners = owners
+        self._task_grads = []
+
+    def _nonshared_by_task(self) -> list[list[Tensor]]:
+        assert self._shared is not None and self._task_names is not None
+        shared_ids = {id(p) for p in self._shared}
+        by_task: list[list[Tensor]] = [[] for _ in self._task_names]
+        for p in self._all_params():
+            if id(p) not in shared_ids:
+                for k in self._owners.get(id(p), []):
+                    by_task[k].append(p)
+        return by_task
+
+    def _use_weighted_backward(self) -> bool:
+        if self.solve_every == 1 or self.between_solves != "weighted_gradient":
+            return False
+        if self._weights is None or self._step_count % self.solve_every == 0:
+            return False
+        if not bool((self._weights > 0).all()):
+            return False  # a zero weight would lose that task's own parameters' gradient
+        shared_ids = {id(p) for p in self._shared or []}
+        return all(len(ts) <= 1 for pid, ts in self._owners.items() if pid not in shared_ids)
+
+    def _backward_weighted(self, losses: list[Tensor]) -> None:
+        assert self._weights is not None and self._shared is not None
+        weights = self._weights.tolist()
+        total = sum(w * loss.reshape(()) for w, loss in zip(weights, losses, strict=True))
+        assert isinstance(total, Tensor)
+        by_task = self._nonshared_by_task()
+        inputs = list(self._shared) + [p for ps in by_task for p in ps]
+        scales = [1.0] * len(self._shared) + [
+            1.0 / weights[k] for k, ps in enumerate(by_task) for _ in ps
+        ]
+        grads = torch.autograd.grad(total, inputs, allow_unused=True)
+        for p, g, scale in zip(inputs, grads, scales, strict=True):
+            if g is not None:
+                _accumulate(p, g if scale == 1.0 else g * scale)
+        self._pending = "weighted"
+
+    def _backward_per_task(self, losses: list[Tensor], retain_graph: bool) -> None:
+        assert self._shared is not None
+        shared = self._shared
+        num_tasks = len(losses)
+        first = self._pending is None
+        if first:
+            if len(self._task_grads) != len(shared) or (
+                self._task_grads and self._task_grads[0].shape[0] != num_tasks
+            ):
+                self._task_grads = [
+                    torch.empty((num_tasks, *p.shape), dtype=p.dtype, device=p.device)
+                    for p in shared
+                ]
+            self._reached = [False] * len(shared)
+        by_task = self._nonshared_by_task()
+        for k, loss in enumerate(losses):
+            inputs = list(shared) + by_task[k]
+            keep = retain_graph or k < num_tasks - 1
+            grads = torch.autograd.grad(
+                loss.reshape(()), inputs, retain_graph=keep, allow_unused=True
+            )
+            for i, (p, g) in enumerate(zip(shared, grads[: len(shared)], strict=True)):
+                row = self._task_grads[i][k]
+                if g is None:
+                    if first:
+                        row.zero_()
+                    continue
+                if first:
+                    row.copy_(g)
+                else:
+                    row.add_(g)
+                self._reached[i] = True
+                _accumulate(p, g)
+            for p, g in zip(by_task[k], grads[len(shared) :], strict=True):
+                if g is not None:
+                    _accumulate(p, g)
+        self._grad_marks = [
+            None if p.grad is None else (id(p.grad), p.grad._version) for p in shared
+        ]
+        self._pending = "full"
+
+    # ----------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        """Apply one balanced step (after :meth:`backward`).
+
+        Changes made to the shared parameters' ``.grad`` between :meth:`backward` and
+        :meth:`step` (gradient clipping, ``GradScaler.unscale_``, a user hook) are carried over to
+        the per-task gradients as an elementwise rescaling ``g_k <- g_k * grad / sum_j g_j``
+        (exact for any uniform rescaling such as norm clipping or unscaling). A shared parameter
+        whose ``.grad`` is ``None`` at step time is skipped, as torch optimizers do.
+        """
+        if closure is not None:
+            raise ValueError(
+                "PUB.step() takes no closure: compute the task losses, call backward(losses), "
+                "then step()"
+            )
+        if self._pending is None:
+            raise RuntimeError(
+                "PUB.step() called without per-task gradients: call backward(losses) after "
+                "zero_grad() and before step()"
+            )
+        assert self._shared is not None and self._task_names is not None
+        if self._pending == "weighted":
+            self._check_finite_grads(self._all_params())
+            self.optimizer.step()
+            self._finish_step(solved=False)
+            return
+        active = [i for i, p in enumerate(self._shared) if p.grad is not None and self._reached[i]]
+        self._carry_over_grad_changes(active)
+        solve = self._weights is None or self._step_count % self.solve_every == 0
+        num_tasks = len(self._task_names)
+        params = [self._shared[i] for i in active]
+        task_grads = [self._task_grads[i] for i in active]
+        nonshared = self._nonshared_with_grad()
+        if self._transform is None:
+            self._generic_step(params, task_grads, nonshared, solve)
+            return
+        contexts = [self._transform.begin(p, self._group_of(p)) for p in params]
+        gram: Tensor | None = None
+        if solve:
+            gram = self._gram(contexts, task_grads, num_tasks)
+            self._raise_if_nonfinite(gram)
+            weights = self.balancer(gram)
+        else:
+            assert self._weights is not None
+            weights = self._weights
+        self._check_finite_grads(nonshared)
+        self._apply(contexts, task_grads, weights)
+        self._step_nonshared(nonshared)
+        self._weights = weights
+        self._finish_step(solved=solve, gram=gram)
+
+    def _group_of(self, param: Tensor) -> dict[str, Any]:
+        for group in self.optimizer.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise RuntimeError("a shared parameter is no longer in the optimizer")  # pragma: no cover
+
+    def _chunk(self, tensor: Tensor) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return DEFAULT_CPU_CHUNK if tensor.device.type == "cpu" else max(1, tensor[0].numel())
+
+    def _carry_over_grad_changes(self, active: list[int]) -> None:
+        assert self._shared is not None
+        for i in active:
+            p = self._shared[i]
+            mark = self._grad_marks[i]
+            assert p.grad is not None
+            if mark is not None and mark == (id(p.grad), p.grad._version):
+                continue
+            buf = self._task_grads[i]
+            total = buf.sum(0)
+            ratio = torch.where(total != 0, p.grad / torch.where(total != 0, total, 1), 1.0)
+            buf.mul_(ratio)
+
+    def _gram(self, contexts: list[ParamContext], task_grads: list[Tensor], k: int) -> Tensor:
+        device = task_grads[0].device if task_grads else torch.device("cpu")
+        gram = torch.zeros((k, k), dtype=torch.float64, device=device)
+        scratch: Tensor | None = None
+        for ctx, buf in zip(contexts, task_grads, strict=True):
+            flat = buf.view(k, -1)
+            chunk = self._chunk(flat)
+            for lo in range(0, flat.shape[1], chunk):
+                hi = min(lo + chunk, flat.shape[1])
+                block = flat[:, lo:hi]
+                if self.space == "update":
+                    if scratch is None or scratch.dtype != flat.dtype or scratch.shape[1] < hi - lo:
+                        scratch = flat.new_empty((k, min(chunk, flat.shape[1])))
+                    out = scratch[:, : hi - lo]
+                    assert self._transform is not None
+                    self._transform.lookahead(ctx, lo, hi, block, out)
+                    block = out
+                gram.add_(torch.mm(block, block.T))
+        return gram
+
+    def _apply(
+        self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor
+    ) -> None:
+        assert self._transform is not None
+        scratch: Tensor | None = None
+        for ctx, buf in zip(contexts, task_grads, strict=True):
+            k = buf.shape[0]
+            flat = buf.view(k, -1)
+            alpha = weights.to(device=flat.device, dtype=flat.dtype)
+            chunk = self._chunk(flat)
+            for lo in range(0, flat.shape[1], chunk):
+                hi = min(lo + chunk, flat.shape[1])
+                block = flat[:, lo:hi]
+                combined = alpha @ block
+                rows = k if self.space == "update" else 1
+                if (
+                    scratch is None
+                    or scratch.dtype != flat.dtype
+                    or scratch.shape[1] < hi - lo
+                    or scratch.shape[0] != rows
+                ):
+                    scratch = flat.new_empty((rows, min(chunk, flat.shape[1])))
+                out = scratch[:, : hi - lo]
+                if self.space == "update":
+                    self._transform.lookahead(ctx, lo, hi, block, out)
+                    update = alpha @ out
+                else:
+                    self._transform.lookahead(ctx, lo, hi, combined.unsqueeze(0), out)
+                    update = out[0]
+                self._transform.commit(ctx, lo, hi, combined, update)
+            self._transform.finish(ctx)
+
+    def _generic_step(
+        self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool
+    ) -> None:
+        k = len(self._task_names or ())
+        look = GenericLookahead(self.optimizer, params)
+        updates: list[Tensor] | None = None
+        gram: Tensor | None = None
+        if self.space == "update":
+            updates = look.updates(task_grads)
+            vectors = updates
+        else:
+            vectors = task_grads
+        if solve:
+            device = task_grads[0].device if task_grads else torch.device("cpu")
+            gram = torch.zeros((k, k), dtype=torch.float64, device=device)
+            for v in vectors:
+                flat = v.reshape(k, -1)
+                gram.add_(torch.mm(flat, flat.T))
+            self._raise_if_nonfinite(gram)
+            weights = self.balancer(gram)
+        else:
+            assert self._weights is not None
+            weights = self._weights
+        self._check_finite_grads(nonshared)
+        combined = [torch.tensordot(weights.to(g), g, dims=1) for g in task_grads]
+        applied = None
+        if updates is not None:
+            applied = [torch.tensordot(weights.to(u), u, dims=1) for u in updates]
+        look.commit(combined, applied)  # also steps the task-specific parameters
+        self._weights = weights
+        self._finish_step(solved=solve, gram=gram)
+
+    def _nonshared_with_grad(self) -> list[Tensor]:
+        shared_ids = {id(p) for p in self._shared or []}
+        return [p for p in self._all_params() if id(p) not in shared_ids and p.grad is not None]
+
+    def _step_nonshared(self, nonshared: list[Tensor]) -> None:
+        """The wrapped optimizer's ordinary step on the parameters that are not balanced."""
+        if not nonshared:
+            return
+        assert self._shared is not None
+        hidden = [p.grad for p in self._shared]
+        try:
+            for p in self._shared:
+                p.grad = None
+            self.optimizer.step()
+        finally:
+            for p, g in zip(self._shared, hidden, strict=True):
+                p.grad = g
+
+    def _raise_if_nonfinite(self, gram: Tensor) -> None:
+        if not bool(torch.isfinite(gram).all()):
+            raise FloatingPointError(
+                "non-finite per-task gradients or updates on the shared parameters: the step was "
+                "skipped and nothing was changed (lower the learning rate, clip, or use a "
+                "GradScaler)"
+            )
+
+    def _check_finite_grads(self, params: list[Tensor]) -> None:
+        if not self.check_finite or not params:
+            return
+        norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+        if norms and not bool(torch.isfinite(torch.stack(norms)).all()):
+            raise FloatingPointError(
+                "non-finite gradients on the task-specific parameters: the step was skipped and "
+                "nothing was changed"
+            )
+
+    def _finish_step(self, solved: bool, gram: Tensor | None = None) -> None:
+        self._step_count += 1
+        self._pending = None
+        assert self._task_names is not None
+        if gram is not None and self._weights is not None:
+            self.last_stats = BalanceStats.from_gram(
+                gram, self._weights, solved, self._step_count, self._task_names
+            )
+        elif self.last_stats is not None:
+            previous = self.last_stats
+            self.last_stats = BalanceStats(
+                previous.weights,
+                previous.update_norms,
+                previous.cosines,
+                previous.gram,
+                False,
+                self._step_count,
+                previous.task_names,
+            )
+
+    @property
+    def weights(self) -> Tensor | None:
+        """The last task weights (float64, ``[K]``), or ``None`` before the first step."""
+        return self._weights
+
+    @property
+    def shared_params(self) -> list[Tensor]:
+        """The balanced parameters (after the first :meth:`backward`)."""
+        if self._shared is None:
+            raise RuntimeError("the shared parameters are known after the first backward()")
+        return list(self._shared)
+
+
+def _accumulate(param: Tensor, grad: Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad.detach().clone()
+    else:
+        param.grad.add_(grad)
