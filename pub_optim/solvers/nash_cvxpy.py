@@ -1,4 +1,4 @@
-"""cvxpy backends of the Nash bargaining solver (optional extra: ``pip install 'pub-optim[cvxpy]'``).
+"""cvxpy backends of the Nash bargaining solver (extra: ``pip install 'pub-optim[cvxpy]'``).
 
 Both return the raw Nash bargaining weights of Nash-MTL (Navon et al., "Multi-Task Learning as a
 Bargaining Game", ICML 2022), i.e. ``alpha > 0`` with ``alpha_k (G alpha)_k = 1`` for every task,
@@ -236,9 +236,7 @@ class NashCCP:
             gram = cp.Parameter((k, k), name="G", value=np.eye(k))
             norm = cp.Parameter(1, name="normalization_factor", value=np.ones(1))
             g_alpha = gram @ alpha
-            constraints = [
-                -cp.log(alpha[i] * norm) - cp.log(g_alpha[i]) <= 0 for i in range(k)
-            ]
+            constraints = [-cp.log(alpha[i] * norm) - cp.log(g_alpha[i]) <= 0 for i in range(k)]
             # First-order term of phi(a) = sum log a_i + sum log (G a)_i around ``previous``.
             inverse = 1.0 / (gram @ previous)
             if k == 1:  # cvxpy refuses ``@`` with a 1 x 1 operand
