@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -38,6 +39,33 @@ TaskLosses = Sequence[Tensor] | Mapping[str, Tensor]
 
 #: Column chunk of the elementwise work on CPU: the ``K x chunk`` temporaries stay in cache.
 DEFAULT_CPU_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class GradientView:
+    """What a ``gradient_sync`` hook sees at the end of :meth:`PUB.backward` (live objects).
+
+    The hook may change the tensors and ``reached`` in place (e.g. average them across ranks, see
+    :class:`pub_optim.distributed.GradientAllReduce`); :meth:`PUB.step` then uses what it left.
+
+    Attributes:
+        shared: the balanced parameters.
+        task_grads: per shared parameter, its ``[K, *p.shape]`` per-task gradients (accumulated
+            since ``zero_grad``); ``None`` after a between-solves weighted backward, where the
+            shared parameters' ``.grad`` hold ``sum_k alpha_k g_k`` instead. A hook that changes
+            ``task_grads`` must leave each shared ``.grad`` equal to ``task_grads[i].sum(0)``.
+        reached: per shared parameter, whether any task reached it (a parameter that no task
+            reached is skipped by the step); a hook sets it when gradients arrive from elsewhere.
+        others: every other parameter of the wrapped optimizer (they step on their ``.grad``).
+    """
+
+    shared: list[Tensor]
+    task_grads: list[Tensor] | None
+    reached: list[bool]
+    others: list[Tensor]
+
+
+GradientSync = Callable[[GradientView], None]
 
 
 class PUB(torch.optim.Optimizer):
@@ -78,6 +106,9 @@ class PUB(torch.optim.Optimizer):
             parameters and state untouched (costs one host sync per step on CUDA).
         chunk_size: columns per block of the elementwise work (default 65536 on CPU, whole
             tensors on CUDA).
+        gradient_sync: called with a :class:`GradientView` at the end of every :meth:`backward`,
+            before the step sees the gradients: the place to average them across processes
+            (:class:`pub_optim.distributed.GradientAllReduce`). Also settable as an attribute.
     """
 
     def __init__(
@@ -91,6 +122,7 @@ class PUB(torch.optim.Optimizer):
         between_solves: BetweenSolves = "weighted_gradient",
         check_finite: bool = True,
         chunk_size: int | None = None,
+        gradient_sync: GradientSync | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"PUB wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -114,6 +146,7 @@ class PUB(torch.optim.Optimizer):
         self.between_solves: BetweenSolves = between_solves
         self.check_finite = check_finite
         self.chunk_size = chunk_size
+        self.gradient_sync: GradientSync | None = gradient_sync
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
@@ -244,6 +277,17 @@ class PUB(torch.optim.Optimizer):
                 self._backward_weighted(tensors)
             else:
                 self._backward_per_task(tensors, retain_graph)
+        if self.gradient_sync is not None:
+            shared_ids = {id(p) for p in self._shared}
+            others = [p for p in self._all_params() if id(p) not in shared_ids]
+            full = self._pending == "full"
+            self.gradient_sync(
+                GradientView(
+                    list(self._shared), self._task_grads if full else None, self._reached, others
+                )
+            )
+            if full:
+                self._record_grad_marks()
 
     def _check_losses(self, losses: TaskLosses) -> tuple[tuple[str, ...], list[Tensor]]:
         if isinstance(losses, Mapping):
@@ -389,10 +433,14 @@ class PUB(torch.optim.Optimizer):
             for p, g in zip(by_task[k], grads[len(shared) :], strict=True):
                 if g is not None:
                     _accumulate(p, g)
-        self._grad_marks = [
-            None if p.grad is None else (id(p.grad), p.grad._version) for p in shared
-        ]
+        self._record_grad_marks()
         self._pending = "full"
+
+    def _record_grad_marks(self) -> None:
+        """Remember the shared ``.grad`` tensors, to detect changes made before :meth:`step`."""
+        self._grad_marks = [
+            None if p.grad is None else (id(p.grad), p.grad._version) for p in self._shared or []
+        ]
 
     # ----------------------------------------------------------------------------------- step
     @torch.no_grad()
