@@ -1,0 +1,230 @@
+"""PUB behaves like a torch optimizer: state_dict, schedulers, clipping, param groups, stats."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mtl_fixtures import TwoTower, batch, torch_step
+
+from pub_optim import PUB, BalanceStats
+
+
+def _train(model: TwoTower, opt: PUB, steps: range, num_tasks: int = 2) -> None:
+    for step in steps:
+        x, y = batch(step, num_tasks)
+        opt.zero_grad()
+        opt.backward(model.losses(x, y))
+        opt.step()
+
+
+def test_is_a_torch_optimizer_proxying_groups_and_state() -> None:
+    model = TwoTower()
+    inner = torch.optim.Adam(model.parameters(), lr=1e-3)
+    pub = PUB(inner)
+    assert isinstance(pub, torch.optim.Optimizer)
+    assert pub.param_groups is inner.param_groups
+    assert pub.state is inner.state
+    assert pub.defaults is inner.defaults
+    _train(model, pub, range(2))
+    assert len(pub.state) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("solve_every", [1, 3])
+def test_save_and_load_mid_training_continues_identically(solve_every: int) -> None:
+    straight = TwoTower()
+    opt = PUB(torch.optim.AdamW(straight.parameters(), lr=1e-2), "pareto", solve_every=solve_every)
+    _train(straight, opt, range(10))
+
+    resumed = TwoTower()
+    first = PUB(torch.optim.AdamW(resumed.parameters(), lr=1e-2), "pareto", solve_every=solve_every)
+    _train(resumed, first, range(5))
+    buffer = io.BytesIO()
+    torch.save({"model": resumed.state_dict(), "opt": first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    fresh = TwoTower(seed=123)
+    fresh.load_state_dict(saved["model"])
+    second = PUB(torch.optim.AdamW(fresh.parameters(), lr=1e-2), "pareto", solve_every=solve_every)
+    second.load_state_dict(saved["opt"])
+    _train(fresh, second, range(5, 10))
+    for p, q in zip(straight.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert opt.weights is not None and second.weights is not None
+    assert torch.equal(opt.weights, second.weights)
+
+
+def test_load_state_dict_rejects_a_plain_optimizer_state() -> None:
+    model = TwoTower()
+    pub = PUB(torch.optim.Adam(model.parameters()))
+    with pytest.raises(ValueError, match="not a PUB state_dict"):
+        pub.load_state_dict(torch.optim.Adam(model.parameters()).state_dict())
+
+
+def test_lr_scheduler_drives_the_wrapped_optimizer() -> None:
+    model = TwoTower()
+    pub = PUB(torch.optim.SGD(model.parameters(), lr=0.1), "equal")
+    scheduler = torch.optim.lr_scheduler.StepLR(pub, step_size=1, gamma=0.5)
+    for step in range(3):
+        x, y = batch(step)
+        pub.zero_grad()
+        pub.backward(model.losses(x, y))
+        before = [p.detach().clone() for p in model.parameters()]
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        lr = pub.param_groups[0]["lr"]
+        pub.step()
+        scheduler.step()
+        # "equal" on SGD = SGD on the mean of the per-task gradients for the shared trunk.
+        trunk = list(model.trunk.parameters())
+        for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+            expected = p0 - lr * (g / 2 if any(p is t for t in trunk) else g)
+            torch.testing.assert_close(p.detach(), expected)
+    assert pub.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
+def test_gradient_clipping_between_backward_and_step_is_honoured() -> None:
+    """clip_grad_norm_ scales every .grad by c: shared and task-specific steps scale by c."""
+    model = TwoTower()
+    pub = PUB(torch.optim.SGD(model.parameters(), lr=0.1), [0.5, 0.5])
+    x, y = batch(0)
+    losses = model.losses(x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    pub.zero_grad()
+    pub.backward(losses)
+    grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    total = torch.sqrt(sum((g**2).sum() for g in grads))
+    max_norm = float(total) / 10
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    pub.step()
+    scale = max_norm / (float(total) + 1e-6)
+    trunk_ids = {id(p) for p in model.trunk.parameters()}
+    for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+        weight = 0.5 if id(p) in trunk_ids else 1.0
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * scale * weight * g)
+
+
+def test_add_param_group_is_stepped() -> None:
+    model = TwoTower()
+    extra = torch.nn.Parameter(torch.ones(3))
+    pub = PUB(torch.optim.SGD(model.parameters(), lr=0.1))
+    _train(model, pub, range(1))
+    pub.add_param_group({"params": [extra], "lr": 0.5})
+    x, y = batch(1)
+    losses = model.losses(x, y)
+    pub.zero_grad()
+    pub.backward([losses[0] + extra.sum(), losses[1]])
+    pub.step()
+    torch.testing.assert_close(extra.detach(), torch.full((3,), 0.5))
+
+
+def test_accumulating_two_backward_calls_equals_one_on_summed_losses() -> None:
+    a, b = TwoTower(), TwoTower()
+    pa = PUB(torch.optim.Adam(a.parameters(), lr=1e-2))
+    pb = PUB(torch.optim.Adam(b.parameters(), lr=1e-2))
+    x1, y1 = batch(0)
+    x2, y2 = batch(1)
+    pa.zero_grad()
+    pa.backward(a.losses(x1, y1))
+    pa.backward(a.losses(x2, y2))
+    pa.step()
+    pb.zero_grad()
+    la, lb = b.losses(x1, y1), b.losses(x2, y2)
+    pb.backward([la[0] + lb[0], la[1] + lb[1]])
+    pb.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
+def test_stats_are_readable_for_logging() -> None:
+    model = TwoTower(3)
+    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), "min-norm")
+    x, y = batch(0, 3)
+    pub.zero_grad()
+    pub.backward({"a": model.losses(x, y)[0], "b": model.losses(x, y)[1],
+                  "c": model.losses(x, y)[2]})
+    pub.step()
+    stats = pub.last_stats
+    assert isinstance(stats, BalanceStats)
+    assert stats.task_names == ("a", "b", "c")
+    assert stats.solved and stats.step == 1
+    torch.testing.assert_close(stats.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(torch.diagonal(stats.cosines), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(stats.update_norms**2, torch.diagonal(stats.gram))
+    logged = stats.as_dict()
+    assert set(logged) == {
+        "pub/weight/a", "pub/weight/b", "pub/weight/c",
+        "pub/update_norm/a", "pub/update_norm/b", "pub/update_norm/c",
+        "pub/cosine/a~b", "pub/cosine/a~c", "pub/cosine/b~c",
+    }
+    assert all(-1.0 - 1e-9 <= logged[k] <= 1.0 + 1e-9 for k in logged if "cosine" in k)
+
+
+def test_solve_every_weighted_gradient_mode_is_the_plain_step_on_the_weighted_gradient() -> None:
+    model = TwoTower()
+    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), "pareto", solve_every=4)
+    _train(model, pub, range(1))
+    assert pub.weights is not None
+    weights = pub.weights.clone()
+    x, y = batch(1)
+    losses = model.losses(x, y)
+    shared = list(model.trunk.parameters())
+    g = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses]
+    heads = [torch.autograd.grad(loss, list(model.heads[k].parameters()), retain_graph=True)
+             for k, loss in enumerate(losses)]
+    combined = [float(weights[0]) * a + float(weights[1]) * b for a, b in zip(*g, strict=True)]
+    expected, _ = torch_step(model, pub.optimizer, [*combined, *heads[0], *heads[1]])
+    pub.zero_grad()
+    pub.backward(losses)
+    pub.step()
+    assert torch.equal(pub.weights, weights)
+    assert pub.last_stats is not None and not pub.last_stats.solved
+    for p, q in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
+
+
+def test_solve_every_reuse_mode_keeps_weights_and_resolves_on_schedule() -> None:
+    model = TwoTower()
+    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), "pareto", solve_every=3,
+              between_solves="reuse_weights")
+    history = []
+    for step in range(7):
+        _train(model, pub, range(step, step + 1))
+        assert pub.last_stats is not None
+        history.append((pub.last_stats.solved, pub.weights.clone()))  # type: ignore[union-attr]
+    assert [solved for solved, _ in history] == [True, False, False, True, False, False, True]
+    assert torch.equal(history[0][1], history[2][1])
+    assert not torch.equal(history[2][1], history[3][1])
+
+
+@settings(max_examples=15, deadline=None)
+@given(num_tasks=st.integers(2, 5), seed=st.integers(0, 10_000))
+def test_min_norm_joint_update_never_opposes_a_task_update(num_tasks: int, seed: int) -> None:
+    """MGDA on updates: <sum_k alpha_k d_k, d_j> >= 0 for every task j (pub-method.md)."""
+    model = TwoTower(num_tasks, seed=seed)
+    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), "min-norm")
+    _train(model, pub, range(seed % 3), num_tasks)
+    x, y = batch(seed, num_tasks)
+    pub.zero_grad()
+    pub.backward(model.losses(x, y))
+    before = [p.detach().clone() for p in model.trunk.parameters()]
+    pub.step()
+    stats = pub.last_stats
+    assert stats is not None
+    projections = stats.gram @ stats.weights
+    assert bool((projections >= -1e-9 * stats.gram.diagonal().max()).all())
+    # And the applied shared step really is sum_k alpha_k d_k: its squared norm is a^T G a.
+    applied = torch.cat([(p.detach() - b).reshape(-1) for p, b in
+                         zip(model.trunk.parameters(), before, strict=True)]).double()
+    torch.testing.assert_close(applied @ applied, stats.weights @ projections, rtol=1e-3, atol=0)
+
+
+def test_deepcopy_and_repr() -> None:
+    model = TwoTower()
+    pub = PUB(torch.optim.Adam(model.parameters()), "equal-magnitude", space="gradient")
+    assert "equal-magnitude" in repr(pub).lower() or "EqualMagnitude" in repr(pub)
+    twin = copy.deepcopy(pub)
+    assert twin.optimizer is not pub.optimizer

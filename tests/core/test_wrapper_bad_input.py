@@ -1,0 +1,153 @@
+"""Bad input gets a clear error, and parameters and optimizer state stay exactly as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mtl_fixtures import TwoTower, assert_unchanged, batch, snapshot
+
+from pub_optim import PUB
+
+
+def _trained(strategy: str = "pareto", **kwargs: object) -> tuple[TwoTower, PUB]:
+    model = TwoTower()
+    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), strategy, **kwargs)  # type: ignore[arg-type]
+    for step in range(3):
+        x, y = batch(step)
+        pub.zero_grad()
+        pub.backward(model.losses(x, y))
+        pub.step()
+    return model, pub
+
+
+def test_wrong_number_of_losses() -> None:
+    model, pub = _trained()
+    before = snapshot(model, pub)
+    x, y = batch(5)
+    pub.zero_grad()
+    with pytest.raises(ValueError, match="same tasks"):
+        pub.backward(model.losses(x, y)[:1])
+    assert_unchanged(model, pub, before)
+
+
+def test_renamed_tasks_are_refused() -> None:
+    model = TwoTower()
+    pub = PUB(torch.optim.Adam(model.parameters()))
+    x, y = batch(0)
+    pub.backward(dict(zip(["a", "b"], model.losses(x, y), strict=True)))
+    pub.step()
+    with pytest.raises(ValueError, match="same tasks"):
+        pub.backward(dict(zip(["b", "a"], model.losses(x, y), strict=True)))
+
+
+def test_non_scalar_loss() -> None:
+    model, pub = _trained()
+    before = snapshot(model, pub)
+    x, y = batch(5)
+    z = torch.tanh(model.trunk(x))
+    per_example = (model.heads[0](z).squeeze(-1) - y[:, 0]).pow(2)
+    with pytest.raises(ValueError, match="must be a scalar"):
+        pub.backward([per_example, model.losses(x, y)[1]])
+    assert_unchanged(model, pub, before)
+
+
+def test_loss_without_graph() -> None:
+    model, pub = _trained()
+    before = snapshot(model, pub)
+    x, y = batch(5)
+    with torch.no_grad():
+        detached = model.losses(x, y)[0]
+    with pytest.raises(ValueError, match="does not depend on any parameter"):
+        pub.backward([detached, model.losses(x, y)[1]])
+    assert_unchanged(model, pub, before)
+
+
+def test_loss_reaching_no_parameter_of_the_optimizer() -> None:
+    model = TwoTower()
+    outsider = torch.nn.Parameter(torch.ones(2))
+    pub = PUB(torch.optim.Adam(model.parameters()))
+    x, y = batch(0)
+    with pytest.raises(ValueError, match="reaches no parameter of the wrapped optimizer"):
+        pub.backward([model.losses(x, y)[0], outsider.sum()])
+
+
+def test_shared_params_missing_from_the_optimizer() -> None:
+    model = TwoTower()
+    with pytest.raises(ValueError, match="not a parameter of the wrapped optimizer"):
+        PUB(torch.optim.Adam(model.heads.parameters()), shared_params=model.trunk.parameters())
+
+
+def test_empty_shared_set() -> None:
+    model = TwoTower()
+    with pytest.raises(ValueError, match="shared_params is empty"):
+        PUB(torch.optim.Adam(model.parameters()), shared_params=[])
+    independent = torch.nn.ModuleList([torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)])
+    pub = PUB(torch.optim.Adam(independent.parameters()))
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="nothing to balance"):
+        pub.backward([independent[0](x).sum(), independent[1](x).sum()])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss(bad: float) -> None:
+    model, pub = _trained()
+    before = snapshot(model, pub)
+    x, y = batch(5)
+    losses = model.losses(x, y)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss for task\(s\) \['task1'\]"):
+        pub.backward([losses[0], losses[1] * bad])
+    assert_unchanged(model, pub, before)
+
+
+@pytest.mark.parametrize("where", ["shared", "task-specific"])
+@pytest.mark.parametrize("optimizer", ["adam", "nadam"])
+def test_non_finite_gradient_skips_the_step_and_changes_nothing(where: str, optimizer: str) -> None:
+    model = TwoTower()
+    factory = torch.optim.Adam if optimizer == "adam" else torch.optim.NAdam
+    pub = PUB(factory(model.parameters(), lr=1e-2))
+    for step in range(2):
+        x, y = batch(step)
+        pub.zero_grad()
+        pub.backward(model.losses(x, y))
+        pub.step()
+    before = snapshot(model, pub)
+    weights = pub.weights.clone()  # type: ignore[union-attr]
+    x, y = batch(5)
+    pub.zero_grad()
+    pub.backward(model.losses(x, y))
+    target = model.trunk[0].weight if where == "shared" else model.heads[1].bias
+    target.grad[0] = float("inf")  # type: ignore[index]
+    with pytest.raises(FloatingPointError, match="nothing was changed"):
+        pub.step()
+    assert_unchanged(model, pub, before)
+    assert torch.equal(pub.weights, weights)  # type: ignore[arg-type]
+
+
+def test_step_without_backward_and_with_closure() -> None:
+    model, pub = _trained()
+    before = snapshot(model, pub)
+    pub.zero_grad()
+    with pytest.raises(RuntimeError, match="call backward"):
+        pub.step()
+    with pytest.raises(ValueError, match="takes no closure"):
+        pub.step(lambda: 0.0)
+    assert_unchanged(model, pub, before)
+
+
+def test_constructor_validation() -> None:
+    model = TwoTower()
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(TypeError, match="wraps a torch.optim.Optimizer"):
+        PUB(model)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="already wrapped"):
+        PUB(PUB(opt))
+    with pytest.raises(ValueError, match="space"):
+        PUB(opt, space="weights")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="solve_every"):
+        PUB(opt, solve_every=0)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        PUB(opt, "nash")
+    with pytest.raises(ValueError, match="differentiable=True"):
+        PUB(torch.optim.Adam(model.parameters(), differentiable=True))
+    with pytest.raises(TypeError, match="sequence of scalar tensors"):
+        PUB(opt).backward(torch.ones(2, requires_grad=True))  # type: ignore[arg-type]
