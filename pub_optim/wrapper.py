@@ -169,9 +169,10 @@ class PUB(torch.optim.Optimizer):
             known = {id(p) for p in self._all_params()}
             missing = [i for i, p in enumerate(self._explicit_shared) if id(p) not in known]
             if missing:
+                shape = tuple(self._explicit_shared[missing[0]].shape)
                 raise ValueError(
-                    f"shared_params[{missing[0]}] (shape {tuple(self._explicit_shared[missing[0]].shape)}) "
-                    "is not a parameter of the wrapped optimizer: add it to the optimizer's "
+                    f"shared_params[{missing[0]}] (shape {shape}) is not a parameter of the "
+                    "wrapped optimizer: add it to the optimizer's "
                     "param_groups first"
                 )
             if not self._explicit_shared:
@@ -190,7 +191,7 @@ class PUB(torch.optim.Optimizer):
         self._pending: Literal["full", "weighted"] | None = None
 
     # ------------------------------------------------------------------ torch.optim.Optimizer API
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
@@ -198,7 +199,7 @@ class PUB(torch.optim.Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.optimizer.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self.optimizer.state
 
@@ -214,8 +215,8 @@ class PUB(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"PUB({type(self.optimizer).__name__}, strategy={self.balancer!r}, space={self.space!r},"
-            f" solve_every={self.solve_every})"
+            f"PUB({type(self.optimizer).__name__}, strategy={self.balancer!r}, "
+            f"space={self.space!r}, solve_every={self.solve_every})"
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -267,7 +268,7 @@ class PUB(torch.optim.Optimizer):
         logging work on them as on any optimizer; see :meth:`step` for how changes to it are
         carried over). Calling it several times before :meth:`step` accumulates.
         """
-        names, tensors = self._check_losses(losses)
+        _, tensors = self._check_losses(losses)
         if self._shared is None:
             self._discover(tensors)
         assert self._shared is not None

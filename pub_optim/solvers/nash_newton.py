@@ -24,6 +24,10 @@ import numpy as np
 
 #: Ridge (relative to the mean diagonal) added when the unregularised problem has no solution.
 FALLBACK_RIDGE = 1e-8
+#: Newton decrement squared below which the full Newton step is taken (quadratic phase).
+_PURE_NEWTON_DECREMENT = 1.0 / 16.0
+#: Newton decrement squared below which a step changes nothing representable.
+_STALLED_DECREMENT = 1e-30
 
 
 def nash_residual(gram: np.ndarray, alpha: np.ndarray) -> float:
@@ -32,7 +36,7 @@ def nash_residual(gram: np.ndarray, alpha: np.ndarray) -> float:
 
 
 def _initial_point(gram: np.ndarray) -> np.ndarray | None:
-    """Best multiple of ``1/sqrt(diag G)``: exact for K = 2 and for equal-norm orthogonal updates."""
+    """Best multiple of ``1/sqrt(diag G)``: exact for K = 2 and for orthogonal updates."""
     direction = 1.0 / np.sqrt(np.diag(gram))
     curvature = float(direction @ gram @ direction)
     if not curvature > 0.0:
@@ -41,42 +45,58 @@ def _initial_point(gram: np.ndarray) -> np.ndarray | None:
 
 
 def _newton(gram: np.ndarray, tol: float, max_iter: int) -> np.ndarray | None:
+    """Damped Newton method for a self-concordant function (Nesterov & Nemirovskii).
+
+    ``f`` is a sum of a convex quadratic and ``-log``: it is standard self-concordant, so with the
+    Newton decrement ``lam = sqrt(grad^T H^-1 grad)`` the step ``1/(1+lam)`` always stays inside
+    the domain and decreases ``f`` by at least ``lam - log(1+lam)``, and the full step converges
+    quadratically once ``lam <= 1/4`` (Boyd & Vandenberghe, Convex Optimization, Sec. 9.6). No
+    evaluation of ``f`` is needed: a backtracking test on ``f`` fails near the solution, where
+    the decrease is below the rounding error of ``f``, and stalls the iteration.
+    """
     alpha = _initial_point(gram)
     if alpha is None:
         return None
-    start_norm = float(np.max(alpha))
-    eye = np.eye(gram.shape[0])
+    k = gram.shape[0]
+    limit = 1e12 * float(np.max(alpha))
+    hessian = np.empty_like(gram)
+    hessian_diagonal = hessian.reshape(-1)[:: k + 1]  # a view: writes go to ``hessian``
     for _ in range(max_iter):
         g_alpha = gram @ alpha
-        residual = alpha * g_alpha - 1.0
-        if float(np.max(np.abs(residual))) <= tol:
+        if float(np.max(np.abs(alpha * g_alpha - 1.0))) <= tol:
             return alpha
         inv = 1.0 / alpha
         gradient = g_alpha - inv
-        hessian = gram + eye * (inv * inv)
+        np.copyto(hessian, gram)
+        hessian_diagonal += inv * inv
         try:
             step = np.linalg.solve(hessian, gradient)
         except np.linalg.LinAlgError:
             return None
-        # Largest step that keeps alpha strictly positive, then Armijo backtracking on f.
-        t = 1.0
-        shrinking = step > 0
-        if shrinking.any():
-            t = min(1.0, 0.99 * float(np.min(alpha[shrinking] / step[shrinking])))
-        f0 = 0.5 * float(alpha @ g_alpha) - float(np.sum(np.log(alpha)))
-        slope = float(gradient @ step)
-        for _ in range(60):
-            candidate = alpha - t * step
-            f1 = 0.5 * float(candidate @ gram @ candidate) - float(np.sum(np.log(candidate)))
-            if f1 <= f0 - 0.25 * t * slope or t < 1e-12:
-                break
-            t *= 0.5
-        alpha = candidate
-        if not np.all(np.isfinite(alpha)) or float(np.max(alpha)) > 1e12 * start_norm:
-            return None  # running off to infinity: no Nash point for this geometry
+        decrement = float(gradient @ step)  # lam^2
+        if decrement <= _STALLED_DECREMENT:
+            break  # the step is below rounding: alpha is as exact as double precision allows
+        if decrement > _PURE_NEWTON_DECREMENT:
+            step *= 1.0 / (1.0 + math.sqrt(decrement))
+        alpha = alpha - step
+        if not (float(np.max(alpha)) <= limit and float(np.min(alpha)) > 0.0):
+            return None  # running off to infinity (no Nash point for this geometry), or NaN
     # Accept a point that is as good as double precision allows even if ``tol`` was too strict.
     if float(np.max(np.abs(alpha * (gram @ alpha) - 1.0))) <= 1e-8:
         return alpha
+    return None
+
+
+def _solve_two(gram: np.ndarray, tol: float) -> np.ndarray | None:
+    """Closed form for K = 2 (the initial point, in Python floats): ``alpha_k ~ 1/|d_k|``."""
+    a, b, _, c = gram.ravel().tolist()
+    shrink = 1.0 + b / math.sqrt(a * c)  # 1 + cos(d_1, d_2)
+    if not shrink > 0.0:
+        return None
+    x = 1.0 / math.sqrt(a * shrink)
+    y = 1.0 / math.sqrt(c * shrink)
+    if max(abs(x * (a * x + b * y) - 1.0), abs(y * (b * x + c * y) - 1.0)) <= tol:
+        return np.array([x, y])
     return None
 
 
@@ -96,6 +116,10 @@ def solve_nash_newton(gram: np.ndarray, tol: float = 1e-13, max_iter: int = 100)
     k = gram.shape[0]
     if k == 1:
         return np.array([1.0 / math.sqrt(gram[0, 0])])
+    if k == 2:
+        closed = _solve_two(gram, tol)
+        if closed is not None:
+            return closed
     alpha = _newton(gram, tol, max_iter)
     ridge = FALLBACK_RIDGE * float(np.trace(gram)) / k
     for _ in range(8):  # 1e-8 .. 1e6 times the mean diagonal

@@ -33,7 +33,7 @@ def get_strategy(strategy: StrategyLike) -> UpdateBalancer:
             )
         return STRATEGIES[key]()
     if isinstance(strategy, Sequence):
-        return Fixed(strategy)
+        return Fixed([float(w) for w in strategy])
     raise TypeError(
         f"strategy must be a name, a sequence of weights or an UpdateBalancer, got {strategy!r}"
     )

@@ -112,7 +112,9 @@ def validate_gram(gram: Tensor) -> Tensor:
     if not isinstance(gram, Tensor):
         raise TypeError(f"the Gram matrix must be a torch.Tensor, got {type(gram).__name__}")
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
-        raise ValueError(f"the Gram matrix must be square K x K with K >= 1, got {tuple(gram.shape)}")
+        raise ValueError(
+            f"the Gram matrix must be square K x K with K >= 1, got {tuple(gram.shape)}"
+        )
     gram = gram.detach().to(torch.float64)
     if not bool(torch.isfinite(gram).all()):
         raise ValueError(

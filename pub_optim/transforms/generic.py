@@ -67,14 +67,14 @@ class GenericLookahead:
         """One real ``step()`` with the combined gradients (advances the state of every parameter
         with a gradient, including task-specific ones); then, if ``updates`` is given, the shared
         parameters are set to ``theta_before + update`` instead of the optimizer's own result."""
-        saved = [p.grad for p in self.params]
+        saved: list[Tensor | None] = [p.grad for p in self.params]
         try:
             for p, g in zip(self.params, combined_grads, strict=True):
                 p.grad = g
             self.optimizer.step()
         finally:
-            for p, g in zip(self.params, saved, strict=True):
-                p.grad = g
+            for p, old in zip(self.params, saved, strict=True):
+                p.grad = old
         if updates is not None:
             with torch.no_grad():
                 for p, theta, u in zip(self.params, self.theta, updates, strict=True):

@@ -1,4 +1,4 @@
-"""SGD with momentum, dampening, Nesterov momentum (Sutskever et al. 2013), weight decay, maximize."""
+"""SGD with momentum, dampening, Nesterov momentum (Sutskever et al. 2013), weight decay."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from .base import ParamContext, UpdateTransform, flat, scalar, signed
 class SGDTransform(UpdateTransform):
     """Look-ahead of ``torch.optim.SGD``.
 
-    ``e_k = g_k + wd * theta``; with momentum ``b_k = mu * b + (1 - dampening) * e_k`` (``b_k = e_k``
-    on the first step, as torch does); ``d_k = -lr * (e_k + mu * b_k)`` with Nesterov, else
-    ``-lr * b_k``; without momentum ``d_k = -lr * e_k``.
+    ``e_k = g_k + wd * theta`` (negated with ``maximize``); with momentum
+    ``b_k = mu * b + (1 - dampening) * e_k`` (``b_k = e_k`` on the first step, as torch does)
+    and ``d_k = -lr * (e_k + mu * b_k)`` with Nesterov, else ``-lr * b_k``; without momentum
+    ``d_k = -lr * e_k``.
     """
 
     def begin(self, param: Tensor, group: dict[str, Any]) -> ParamContext:

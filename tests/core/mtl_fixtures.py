@@ -36,22 +36,32 @@ class SignMomentum(torch.optim.Optimizer):
 OPTIMIZERS: list[tuple[str, OptimizerFactory]] = [
     ("sgd", lambda p: torch.optim.SGD(p, lr=0.05)),
     ("sgd-momentum-dampening", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.3)),
-    ("sgd-nesterov-wd", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True,
-                                                  weight_decay=0.01)),
+    (
+        "sgd-nesterov-wd",
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01),
+    ),
     ("sgd-maximize", lambda p: torch.optim.SGD(p, lr=0.005, momentum=0.5, maximize=True)),
     ("adam", lambda p: torch.optim.Adam(p, lr=1e-2)),
     ("adam-l2-amsgrad", lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.05, amsgrad=True)),
     ("adam-maximize-foreach", lambda p: torch.optim.Adam(p, lr=1e-2, maximize=True, foreach=True)),
     ("adamw", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)),
-    ("adamw-amsgrad-betas", lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.5, 0.9),
-                                                        amsgrad=True, eps=1e-6)),
+    (
+        "adamw-amsgrad-betas",
+        lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.5, 0.9), amsgrad=True, eps=1e-6),
+    ),
     ("rmsprop", lambda p: torch.optim.RMSprop(p, lr=1e-3)),
-    ("rmsprop-centered-momentum-wd", lambda p: torch.optim.RMSprop(
-        p, lr=1e-3, momentum=0.7, centered=True, weight_decay=0.01)),
+    (
+        "rmsprop-centered-momentum-wd",
+        lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.7, centered=True, weight_decay=0.01),
+    ),
     ("rmsprop-centered", lambda p: torch.optim.RMSprop(p, lr=1e-3, centered=True, maximize=True)),
     ("adagrad", lambda p: torch.optim.Adagrad(p, lr=0.05)),
-    ("adagrad-decay-wd-init", lambda p: torch.optim.Adagrad(
-        p, lr=0.05, lr_decay=0.01, weight_decay=0.02, initial_accumulator_value=0.1)),
+    (
+        "adagrad-decay-wd-init",
+        lambda p: torch.optim.Adagrad(
+            p, lr=0.05, lr_decay=0.01, weight_decay=0.02, initial_accumulator_value=0.1
+        ),
+    ),
     ("nadam-generic", lambda p: torch.optim.NAdam(p, lr=1e-2)),
     ("user-defined-generic", lambda p: SignMomentum(p, lr=1e-2)),
 ]
@@ -105,8 +115,9 @@ def assert_state_equal(a: object, b: object) -> None:
         assert a == b
 
 
-def torch_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-               grads: list[Tensor | None]) -> tuple[list[Tensor], torch.optim.Optimizer]:
+def torch_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, grads: list[Tensor | None]
+) -> tuple[list[Tensor], torch.optim.Optimizer]:
     """Oracle: a deep copy of (model, optimizer) stepped by torch itself on ``grads``.
 
     Returns the copy's parameters after the step and the stepped copy of the optimizer; the

@@ -31,8 +31,9 @@ def _assert_close_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def test_single_task_equals_wrapped_optimizer(factory: OptimizerFactory) -> None:
     reference, model = TwoTower(1), TwoTower(1)
     ref_opt = factory(list(reference.parameters()))
-    pub = PUB(factory(list(model.parameters())), "pareto",
-              shared_params=list(model.trunk.parameters()))
+    pub = PUB(
+        factory(list(model.parameters())), "pareto", shared_params=list(model.trunk.parameters())
+    )
     for step in range(STEPS):
         x, y = batch(step, 1)
         ref_opt.zero_grad()
@@ -101,8 +102,10 @@ def test_balanced_step_matches_torch_oracle(
     x, y = batch(99, num_tasks)
     losses = model.losses(x, y)
     task_grads = _per_task_shared_grads(model, losses)
-    head_grads = [torch.autograd.grad(loss, list(model.heads[k].parameters()), retain_graph=True)
-                  for k, loss in enumerate(losses)]
+    head_grads = [
+        torch.autograd.grad(loss, list(model.heads[k].parameters()), retain_graph=True)
+        for k, loss in enumerate(losses)
+    ]
     params = list(model.parameters())
     n_shared = len(list(model.trunk.parameters()))
     inner = pub.optimizer
@@ -119,8 +122,10 @@ def test_balanced_step_matches_torch_oracle(
         vectors.append(delta if space == "update" else task_grads[k])
     flat = torch.stack([torch.cat([v.reshape(-1) for v in vec]) for vec in vectors]).double()
     expected_weights = get_strategy(strategy)(flat @ flat.T)
-    combined = [sum(float(expected_weights[k]) * task_grads[k][i] for k in range(num_tasks))
-                for i in range(n_shared)]
+    combined = [
+        sum(float(expected_weights[k]) * task_grads[k][i] for k in range(num_tasks))
+        for i in range(n_shared)
+    ]
     # Oracle state and (for the gradient space) parameters: torch stepped on g* and own heads.
     all_grads: list[torch.Tensor | None] = [*combined]  # type: ignore[list-item]
     for k in range(num_tasks):
@@ -175,15 +180,19 @@ def test_task_specific_parameters_take_their_own_plain_step() -> None:
     losses = model.losses(x, y)
     shared = list(model.trunk.parameters())
     g = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses]
-    h = [torch.autograd.grad(loss, list(model.heads[k].parameters()), retain_graph=True)
-         for k, loss in enumerate(losses)]
+    h = [
+        torch.autograd.grad(loss, list(model.heads[k].parameters()), retain_graph=True)
+        for k, loss in enumerate(losses)
+    ]
     pub.zero_grad()
     pub.backward(losses)
     pub.step()
-    for p, p0, g0, g1 in zip(model.trunk.parameters(), before.trunk.parameters(), g[0], g[1],
-                             strict=True):
+    for p, p0, g0, g1 in zip(
+        model.trunk.parameters(), before.trunk.parameters(), g[0], g[1], strict=True
+    ):
         torch.testing.assert_close(p.detach(), p0.detach() - 0.1 * (0.75 * g0 + 0.25 * g1))
     for k in range(2):
-        for p, p0, gk in zip(model.heads[k].parameters(), before.heads[k].parameters(), h[k],
-                             strict=True):
+        for p, p0, gk in zip(
+            model.heads[k].parameters(), before.heads[k].parameters(), h[k], strict=True
+        ):
             torch.testing.assert_close(p.detach(), p0.detach() - 0.1 * gk)

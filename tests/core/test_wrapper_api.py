@@ -144,8 +144,9 @@ def test_stats_are_readable_for_logging() -> None:
     pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), "min-norm")
     x, y = batch(0, 3)
     pub.zero_grad()
-    pub.backward({"a": model.losses(x, y)[0], "b": model.losses(x, y)[1],
-                  "c": model.losses(x, y)[2]})
+    pub.backward(
+        {"a": model.losses(x, y)[0], "b": model.losses(x, y)[1], "c": model.losses(x, y)[2]}
+    )
     pub.step()
     stats = pub.last_stats
     assert isinstance(stats, BalanceStats)
@@ -156,9 +157,15 @@ def test_stats_are_readable_for_logging() -> None:
     torch.testing.assert_close(stats.update_norms**2, torch.diagonal(stats.gram))
     logged = stats.as_dict()
     assert set(logged) == {
-        "pub/weight/a", "pub/weight/b", "pub/weight/c",
-        "pub/update_norm/a", "pub/update_norm/b", "pub/update_norm/c",
-        "pub/cosine/a~b", "pub/cosine/a~c", "pub/cosine/b~c",
+        "pub/weight/a",
+        "pub/weight/b",
+        "pub/weight/c",
+        "pub/update_norm/a",
+        "pub/update_norm/b",
+        "pub/update_norm/c",
+        "pub/cosine/a~b",
+        "pub/cosine/a~c",
+        "pub/cosine/b~c",
     }
     assert all(-1.0 - 1e-9 <= logged[k] <= 1.0 + 1e-9 for k in logged if "cosine" in k)
 
@@ -173,8 +180,10 @@ def test_solve_every_weighted_gradient_mode_is_the_plain_step_on_the_weighted_gr
     losses = model.losses(x, y)
     shared = list(model.trunk.parameters())
     g = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses]
-    heads = [torch.autograd.grad(loss, list(model.heads[k].parameters()), retain_graph=True)
-             for k, loss in enumerate(losses)]
+    heads = [
+        torch.autograd.grad(loss, list(model.heads[k].parameters()), retain_graph=True)
+        for k, loss in enumerate(losses)
+    ]
     combined = [float(weights[0]) * a + float(weights[1]) * b for a, b in zip(*g, strict=True)]
     expected, _ = torch_step(model, pub.optimizer, [*combined, *heads[0], *heads[1]])
     pub.zero_grad()
@@ -188,8 +197,12 @@ def test_solve_every_weighted_gradient_mode_is_the_plain_step_on_the_weighted_gr
 
 def test_solve_every_reuse_mode_keeps_weights_and_resolves_on_schedule() -> None:
     model = TwoTower()
-    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), "pareto", solve_every=3,
-              between_solves="reuse_weights")
+    pub = PUB(
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        "pareto",
+        solve_every=3,
+        between_solves="reuse_weights",
+    )
     history = []
     for step in range(7):
         _train(model, pub, range(step, step + 1))
@@ -217,8 +230,12 @@ def test_min_norm_joint_update_never_opposes_a_task_update(num_tasks: int, seed:
     projections = stats.gram @ stats.weights
     assert bool((projections >= -1e-9 * stats.gram.diagonal().max()).all())
     # And the applied shared step really is sum_k alpha_k d_k: its squared norm is a^T G a.
-    applied = torch.cat([(p.detach() - b).reshape(-1) for p, b in
-                         zip(model.trunk.parameters(), before, strict=True)]).double()
+    applied = torch.cat(
+        [
+            (p.detach() - b).reshape(-1)
+            for p, b in zip(model.trunk.parameters(), before, strict=True)
+        ]
+    ).double()
     torch.testing.assert_close(applied @ applied, stats.weights @ projections, rtol=1e-3, atol=0)
 
 
