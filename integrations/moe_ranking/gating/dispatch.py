@@ -31,7 +31,8 @@ def triton_available() -> bool:
     return True
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` is set: Triton kernels then run under the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
@@ -59,7 +60,7 @@ def resolve_backend(logits: torch.Tensor, backend: str = "auto") -> str:
             raise ImportError(f"backend='triton' needs the triton package; {_TRITON_HINT}")
         if logits.dtype == torch.float64:
             raise RuntimeError("backend='triton' does not take float64 logits; use backend='torch'")
-        if not logits.is_cuda and not _interpreting():
+        if not logits.is_cuda and not interpreting():
             raise RuntimeError(
                 "backend='triton' needs CUDA tensors; CPU tensors run only under the Triton "
                 "interpreter (set TRITON_INTERPRET=1), otherwise use backend='torch'"
