@@ -8,7 +8,8 @@ to the Gram matrix of per-task *gradients* are the classic gradient-balancing ba
 A new strategy is one short subclass that implements :meth:`UpdateBalancer.raw_weights`. The base
 class does everything that is common to all of them:
 
-* validation: a square, symmetric (it is symmetrised), finite matrix, else ``ValueError``;
+* validation: a square, symmetric (it is symmetrised), finite matrix with a non-negative
+  diagonal (squared norms), else ``ValueError``;
 * scale: the matrix is divided by its mean diagonal before ``raw_weights`` sees it, so every
   strategy works on numbers of order one whatever the scale of the updates (1e-12 .. 1e12);
 * degenerate geometry, by a documented rule (see :meth:`UpdateBalancer.__call__`);
@@ -108,7 +109,8 @@ class UpdateBalancer(ABC):
 
 
 def validate_gram(gram: Tensor) -> Tensor:
-    """Check that ``gram`` is a finite square matrix; return it symmetrised, in float64."""
+    """Check that ``gram`` is a finite square matrix with a non-negative diagonal; return it
+    symmetrised, in float64."""
     if not isinstance(gram, Tensor):
         raise TypeError(f"the Gram matrix must be a torch.Tensor, got {type(gram).__name__}")
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
@@ -120,5 +122,11 @@ def validate_gram(gram: Tensor) -> Tensor:
         raise ValueError(
             "the Gram matrix has non-finite entries: some task update or gradient is NaN or "
             "infinite (check the losses, lower the learning rate, or use a GradScaler)"
+        )
+    diagonal = torch.diagonal(gram)
+    if bool((diagonal < 0).any()):
+        raise ValueError(
+            "the Gram matrix has a negative diagonal entry, but its diagonal holds squared norms "
+            f"<d_k, d_k> >= 0: got {diagonal.tolist()}"
         )
     return 0.5 * (gram + gram.T)
