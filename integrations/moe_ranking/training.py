@@ -97,6 +97,8 @@ class RankingModule(pl.LightningModule):
         self.test_metrics = TaskMetrics(self.task_names, "test")
         self.expert_load = ExpertLoad()
         self.last_expert_load: dict[str, float] = {}
+        self._loss_sums: dict[str, float] = {}
+        self._loss_count = 0
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
         """The model's declared shared parameters (used by ``UpdateBalancing``)."""
@@ -123,11 +125,27 @@ class RankingModule(pl.LightningModule):
         n = batch["labels"].shape[0]
         self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
         self.expert_load.update(self.model.expert_usage())
+        self._loss_sums["train/loss"] = (
+            self._loss_sums.get("train/loss", 0.0) + float(total.detach()) * n
+        )
+        for t, loss in losses.items():
+            key = f"train/loss/{t}"
+            self._loss_sums[key] = self._loss_sums.get(key, 0.0) + float(loss.detach()) * n
+        self._loss_count += n
         return {"loss": total, "task_losses": losses}
+
+    def epoch_train_stats(self) -> dict[str, float]:
+        """Mean training losses and expert-load statistics of the current epoch so far."""
+        stats = {k: v / max(self._loss_count, 1) for k, v in self._loss_sums.items()}
+        stats.update(self.expert_load.compute())
+        return stats
+
+    def on_train_epoch_start(self) -> None:
+        self.expert_load.reset()
+        self._loss_sums, self._loss_count = {}, 0
 
     def on_train_epoch_end(self) -> None:
         stats = self.expert_load.compute()
-        self.expert_load.reset()
         if stats:
             self.last_expert_load = stats
             self.log_dict(stats)
@@ -217,8 +235,12 @@ class History(Callback):
         row = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step)}
         row["elapsed_s"] = time.perf_counter() - self._start
         for key, value in trainer.callback_metrics.items():
-            if key.startswith(("val/", "train/", "experts/")):
+            if key.startswith("val/"):
                 row[key] = float(value)
+        if isinstance(pl_module, RankingModule):
+            # Validation runs after the epoch's last training batch and before the epoch-end
+            # hooks, so these are exactly this epoch's training statistics.
+            row.update(pl_module.epoch_train_stats())
         self.epochs.append(row)
 
 
@@ -238,6 +260,7 @@ class RunResult:
     expert_load: dict[str, float]
     num_parameters: int
     data_summary: str
+    model: MultiTaskModel | None = field(default=None, repr=False)
 
     def test_auc(self, task: str) -> float:
         return self.test[f"test/auc/{task}"]
@@ -325,4 +348,5 @@ def run_training(
         expert_load=module.last_expert_load,
         num_parameters=model.num_parameters(),
         data_summary=data.describe(),
+        model=model,
     )

@@ -24,7 +24,7 @@ import pandas as pd
 
 from ..errors import DataError
 from .base import MultiTaskData
-from .preprocessing import TabularPreprocessor, require_columns
+from .preprocessing import TabularPreprocessor, binary_labels, require_columns
 
 COUNTRIES = ("NL", "ES", "FR", "US")
 CATEGORICAL = tuple(f"categorical_{i}" for i in range(1, 17))
@@ -56,9 +56,8 @@ def aliexpress_files(root: str | Path, country: str) -> tuple[Path, Path]:
 
 
 def _read_csv(path: Path, max_rows: int | None) -> pd.DataFrame:
-    dtypes: dict[str, str] = {c: "float64" for c in NUMERIC}
     try:
-        frame = pd.read_csv(path, nrows=max_rows, dtype=dtypes)
+        frame = pd.read_csv(path, nrows=max_rows)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"could not read {str(path)!r}: {exc}") from exc
     require_columns(frame, ["search_id", *CATEGORICAL, *NUMERIC, *LABELS], str(path))
@@ -92,7 +91,8 @@ def load_aliexpress(
     test_frame = _read_csv(test_path, max_rows)
     label_cols = list(LABELS)
     for frame, path in ((train_all, train_path), (test_frame, test_path)):
-        nested = frame["conversion"].eq(1) & frame["click"].ne(1)
+        labels = binary_labels(frame, label_cols, str(path))
+        nested = (labels[:, 1] == 1) & (labels[:, 0] != 1)
         if bool(nested.any()):
             raise DataError(
                 f"{path}: {int(nested.sum())} rows have conversion = 1 without a click; "

@@ -83,7 +83,7 @@ class MMoE(MultiTaskModel):
             mixed, weights = gate_mix(self.gates[t](x), expert_out)
             logits[t] = self.towers[t](mixed)
             mass = mass + weights.detach().sum(0)
-        self._usage = {"experts": mass}
+        self._usage = {"mmoe": mass}
         return logits
 
     def expert_usage(self) -> dict[str, Tensor]:

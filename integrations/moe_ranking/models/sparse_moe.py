@@ -142,7 +142,7 @@ class SparseMoE(MultiTaskModel):
             counts += gating.expert_counts
             gatings[t] = gating
         self._aux, self.last_gating = aux, gatings
-        self._usage = {"experts": counts.detach().to(torch.float32)}
+        self._usage = {"sparse": counts.detach().to(torch.float32)}
         return logits
 
     def aux_losses(self) -> dict[str, Tensor]:
