@@ -40,25 +40,35 @@ def sanitize_router_logits(x: torch.Tensor) -> torch.Tensor:
     elsewhere; a row with no finite entry and no ``+inf`` becomes all zeros. Rows with a finite
     maximum are returned unchanged (and keep their gradient).
     """
-    neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    x = torch.where(torch.isnan(x), neg_inf, x)
+    inf = float("inf")
+    x = torch.nan_to_num(x, nan=-inf, posinf=inf, neginf=-inf)
     row_max = x.detach().amax(dim=1, keepdim=True)
-    pos_inf_row = row_max == float("inf")
-    neg_inf_row = row_max == float("-inf")
-    y = torch.where(pos_inf_row, torch.where(x == float("inf"), zero, neg_inf), x)
-    return torch.where(neg_inf_row, zero, y)
+    if x.device.type == "cpu" and bool(torch.isfinite(row_max).all()):
+        return x  # the common case, decided without a device synchronisation on CPU only
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    neg_inf = torch.full((), -inf, dtype=x.dtype, device=x.device)
+    y = torch.where(row_max == inf, torch.where(x == inf, zero, neg_inf), x)
+    return torch.where(row_max == -inf, zero, y)
 
 
 def select_topk(y: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``[N, k]`` of the ``k`` largest entries per row of sanitised logits ``y``.
 
-    Descending order, equal values to the lowest index (a stable descending sort). ``-0.0`` is
-    mapped to ``+0.0`` first so that the two zeros tie whatever sort the device uses.
+    Descending order, equal values to the lowest index, ``-0.0`` equal to ``+0.0``. For float32,
+    each (value, index) pair is packed into a unique int64 key, the float as a sign-magnitude
+    integer turned two's complement (order-preserving, both zeros map to 0) in the high half and
+    ``E - 1 - index`` in the low half, and ``torch.topk`` runs on the keys; float64 uses a stable
+    descending sort.
     """
     key = y.detach()
-    key = torch.where(key == 0, torch.zeros((), dtype=key.dtype, device=key.device), key)
-    return torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    if key.dtype != torch.float32:
+        key = torch.where(key == 0, torch.zeros((), dtype=key.dtype, device=key.device), key)
+        return torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    bits = key.view(torch.int32)
+    sign = bits >> 31  # 0 or -1
+    ordered = (((bits & 0x7FFFFFFF) ^ sign) - sign).to(torch.int64)
+    low = torch.arange(key.shape[1] - 1, -1, -1, device=key.device)
+    return torch.topk((ordered << 32) | low, k, dim=1, sorted=True).indices
 
 
 def reference_topk_gating(

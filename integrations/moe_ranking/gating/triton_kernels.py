@@ -15,10 +15,10 @@ Three kernels, all computing in float32 whatever the input dtype:
   through the weights, ``mean_probs`` (hence the load-balancing loss) and the z-loss.
 
 Selection packs each (logit, expert id) pair into one int64 key: the high 32 bits are the float's
-bits mapped to a signed integer of the same order (``-0.0`` folded onto ``+0.0``), the low 32 bits
-``BLOCK_E - 1 - id``; a row maximum of the keys is then the largest logit with the lowest id among
-equals, and a picked key is replaced by a sentinel below every valid key. This is the
-value-index packing of Triton's own ``topk``; the key also decodes back to the logit.
+sign-magnitude bits as a two's complement integer (same order; ``-0.0`` and ``+0.0`` both 0), the
+low 32 bits ``BLOCK_E - 1 - id``; a row maximum of the keys is then the largest logit with the
+lowest id among equals, and a picked key is replaced by a sentinel below every valid key. This is
+the value-index packing of Triton's own ``topk``; the key also decodes back to the logit.
 
 The functions are plain Python here; :func:`build_kernels` wraps them as compiled
 (``JITFunction``) or interpreted (``InterpretedFunction``) kernels. The mode must match the one
@@ -98,8 +98,8 @@ def gating_fwd_kernel(
         lse = y_max + tl.log(denom)
         # ---- top-k on packed (logit, id) keys ----
         bits = y.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        key = tl.where(key == -1, 0, key)  # -0.0 ties with +0.0
+        magnitude = bits & 0x7FFFFFFF
+        key = tl.where(bits < 0, -magnitude, magnitude)  # order-preserving; -0.0 and +0.0 -> 0
         packed = (key.to(tl.int64) << 32) | (BLOCK_E - 1 - cols).to(tl.int64)[None, :]
         packed = tl.where(col_ok[None, :], packed, -9223372036854775807)
         sel_ids = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int64)
@@ -108,8 +108,8 @@ def gating_fwd_kernel(
             best = tl.max(packed, axis=1)
             idx = (BLOCK_E - 1) - (best & (BLOCK_E - 1)).to(tl.int32)
             best_key = (best >> 32).to(tl.int32)
-            best_y = tl.where(best_key < 0, best_key ^ 0x7FFFFFFF, best_key)
-            best_y = best_y.to(tl.float32, bitcast=True)
+            best_abs = tl.abs(best_key).to(tl.float32, bitcast=True)
+            best_y = tl.where(best_key < 0, -best_abs, best_abs)
             p_j = tl.exp(best_y - y_max) / denom
             sel_ids = tl.where(slots[None, :] == j, idx.to(tl.int64)[:, None], sel_ids)
             sel_probs = tl.where(slots[None, :] == j, p_j[:, None], sel_probs)
