@@ -4,6 +4,7 @@ ICML 2022), the strategy the PUB paper (arXiv:2410.05806) uses on the per-task u
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -32,7 +33,10 @@ class Pareto(UpdateBalancer):
 
     Degenerate geometry: when no Nash point exists (e.g. exactly opposed updates) a small ridge
     is added to ``G`` (see :mod:`pub_optim.solvers.nash_newton`); the cvxpy backends use the
-    same rule so that all three agree.
+    same rule so that all three agree. If a cvxpy backend fails even so
+    (:class:`~pub_optim.solvers.nash_cvxpy.NashSolverError`), the step uses the native solver
+    and a ``RuntimeWarning`` says so: no exception escapes, and no default weights are returned
+    silently (the paper's code kept the weights at 1 after a swallowed solver error).
     """
 
     name = "pareto"
@@ -54,7 +58,18 @@ class Pareto(UpdateBalancer):
             if self._cvxpy_backend is None:
                 factory = nash_cvxpy.NashDPP if self.solver == "cvxpy" else nash_cvxpy.NashCCP
                 self._cvxpy_backend = factory()
-            alpha = self._cvxpy_backend(matrix)  # type: ignore[operator]
+            try:
+                alpha = self._cvxpy_backend(matrix)  # type: ignore[operator]
+            except nash_cvxpy.NashSolverError as exc:
+                # Visible, not silent: the weights come from the native solver of the same
+                # problem (not from a default), and the warning says why.
+                warnings.warn(
+                    f"Pareto(solver={self.solver!r}): {exc}. Using the native Newton solver "
+                    "for this step.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                alpha = solve_nash_newton(matrix)
         return torch.from_numpy(alpha).to(gram.device)
 
     def rescale_raw(self, weights: Tensor, scale: float | Tensor) -> Tensor:
