@@ -181,6 +181,20 @@ def test_low_precision_inputs(dtype, bias_dtype):
     _assert_same_grads(ref, out, inputs_ref, inputs_out, rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("bias_shape", ["expert", "row"])
+def test_float32_bias_of_half_logits_gets_a_float32_gradient(bias_shape):
+    gen = torch.Generator().manual_seed(12)
+    logits = (torch.randn(60, 5, generator=gen) * 2).half()
+    bias = torch.randn(5 if bias_shape == "expert" else (60, 5), generator=gen)
+    ref, out, (xr, br), (xt, bt) = _both(logits, 2, bias)
+    loss_seed = torch.Generator().manual_seed(0)
+    g_ref = torch.autograd.grad(_loss(ref, loss_seed), [xr, br])
+    g_out = torch.autograd.grad(_loss(out, torch.Generator().manual_seed(0)), [xt, bt])
+    assert g_out[1].dtype == torch.float32
+    torch.testing.assert_close(g_out[1], g_ref[1], rtol=ATOL, atol=ATOL)
+    torch.testing.assert_close(g_out[0], g_ref[0])  # float16 tolerances
+
+
 def test_expanded_and_missing_output_gradients():
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(50, 6, generator=gen)

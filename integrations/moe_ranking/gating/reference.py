@@ -43,8 +43,14 @@ def sanitize_router_logits(x: torch.Tensor) -> torch.Tensor:
     inf = float("inf")
     x = torch.nan_to_num(x, nan=-inf, posinf=inf, neginf=-inf)
     row_max = x.detach().amax(dim=1, keepdim=True)
-    if x.device.type == "cpu" and bool(torch.isfinite(row_max).all()):
-        return x  # the common case, decided without a device synchronisation on CPU only
+    # The common all-finite case skips the masking; the check is a host synchronisation, so only
+    # on CPU, and not while torch.compile traces (it would break the graph).
+    if (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and bool(torch.isfinite(row_max).all())
+    ):
+        return x
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     neg_inf = torch.full((), -inf, dtype=x.dtype, device=x.device)
     y = torch.where(row_max == inf, torch.where(x == inf, zero, neg_inf), x)

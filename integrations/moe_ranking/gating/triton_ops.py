@@ -6,10 +6,11 @@ the column sum of the logits gradient (a torch reduction).
 
 Launch parameters: ``BLOCK_E``/``BLOCK_K`` are ``E``/``k`` rounded up to a power of two; a tile
 holds about 1024 (compiled; no register spills on sm_90 for E <= 64, k <= 4 with 4 warps) or 16384
-(interpreter) router logits. Compiled, the forward grid is
-persistent with at most 8 programs per SM; interpreted (about 10 ms per program instance) it uses
-at most 4 programs. ``block_n`` and ``num_programs`` override these (tests use them to cover
-several programs and several tiles per program).
+(interpreter) router logits. Compiled, the forward grid is persistent with at most 3 programs per
+SM (as many as fit at once; every dispatch program reads all ``[P, E]`` partial counts, so ``P``
+stays small); interpreted (about 10 ms per program instance) it uses at most 4 programs.
+``block_n`` and ``num_programs`` override these (tests use them to cover several programs and
+several tiles per program).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -27,7 +29,7 @@ from .triton_kernels import GatingKernels, build_kernels
 __all__ = ["LaunchConfig", "launch_config", "triton_interpreted", "triton_topk_gating"]
 
 _TILE_ELEMENTS = {False: 1024, True: 16384}
-_MAX_PROGRAMS_PER_SM = 8
+_MAX_PROGRAMS_PER_SM = 3  # ~150-190 registers x 128 threads: 3 resident programs per SM
 _MAX_INTERPRETED_PROGRAMS = 4
 
 
@@ -90,7 +92,7 @@ def launch_config(
         block_n=block_n,
         block_e=block_e,
         block_k=max(2, triton.next_power_of_2(k)),
-        block_p=max(2, min(triton.next_power_of_2(num_programs), 8192 // block_e)),
+        block_p=max(2, min(triton.next_power_of_2(num_programs), 2048 // block_e)),
         rows_per_prog=rows_per_prog,
         num_programs=num_programs,
         num_warps=4 if block_n * block_e <= 1024 else 8,
@@ -106,7 +108,14 @@ class _TritonGating(torch.autograd.Function):
     dispatch order (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, logits, task_bias, k, renormalize, cfg):  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        task_bias: torch.Tensor | None,
+        k: int,
+        renormalize: bool,
+        cfg: LaunchConfig,
+    ) -> tuple[torch.Tensor, ...]:
         n, e = logits.shape
         dev = logits.device
         kern = _kernels()
@@ -117,8 +126,8 @@ class _TritonGating(torch.autograd.Function):
         part_probs = torch.empty(p, e, dtype=torch.float32, device=dev)
         part_z = torch.empty(p, dtype=torch.float32, device=dev)
         has_bias = task_bias is not None
-        bias_arg = task_bias if has_bias else logits
-        stride_bias = (e if task_bias.dim() == 2 else 0) if has_bias else 0
+        bias_arg = logits if task_bias is None else task_bias
+        stride_bias = e if task_bias is not None and task_bias.dim() == 2 else 0
         kern.fwd[(p,)](
             logits,
             bias_arg,
@@ -173,13 +182,14 @@ class _TritonGating(torch.autograd.Function):
         return weights, mean_probs, z_loss, lb_loss, ids, counts, offsets, order
 
     @staticmethod
-    def backward(ctx, grad_w, grad_mean, grad_z, grad_lb, *_unused):  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_w, grad_mean, grad_z, grad_lb = grads[:4]
         logits, task_bias, ids, counts = ctx.saved_tensors
         n, e = logits.shape
         cfg = ctx.cfg
         need_logits, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # an [E] bias gradient is a column sum: accumulate it from a float32 logits gradient
-        fp32_grad = need_bias and task_bias.dim() == 1 and logits.dtype != torch.float32
+        # the bias gradient comes from a float32 gradient (an [E] bias's is a column sum of it)
+        fp32_grad = need_bias and logits.dtype != torch.float32
         grad_x = torch.empty(
             n, e, dtype=torch.float32 if fp32_grad else logits.dtype, device=logits.device
         )
