@@ -217,7 +217,8 @@ def write_run(folder: Path, result: Any, title: str) -> None:
 
 
 def format_table(results: dict[str, Any], metric: str = "auc") -> str:
-    """Per-task table of test metrics, one column per run, plus the difference to the first."""
+    """Per-task table of a test metric, one column per run, plus the difference to the first;
+    the last row is the mean over tasks."""
     names = list(results)
     first = results[names[0]]
     tasks = list(first.task_names)
@@ -226,9 +227,14 @@ def format_table(results: dict[str, Any], metric: str = "auc") -> str:
         header += "".join(f"{n + ' - ' + names[0]:>22}" for n in names[1:])
     lines = [header, "-" * len(header)]
     rows = [*tasks, "mean"]
-    for task in rows:
-        key = f"test/mean_{metric}" if task == "mean" else f"test/{metric}/{task}"
-        values = [results[n].test.get(key, float("nan")) for n in names]
+    per_task = {
+        n: [results[n].test.get(f"test/{metric}/{t}", float("nan")) for t in tasks] for n in names
+    }
+    for row, task in enumerate(rows):
+        if task == "mean":
+            values = [sum(per_task[n]) / len(tasks) for n in names]
+        else:
+            values = [per_task[n][row] for n in names]
         line = f"{task:<16}" + "".join(f"{v:>12.4f}" for v in values)
         line += "".join(f"{v - values[0]:>+22.4f}" for v in values[1:])
         lines.append(line)

@@ -260,6 +260,8 @@ class RunResult:
     expert_load: dict[str, float]
     num_parameters: int
     data_summary: str
+    #: Number of parameter entries PUB balanced (the model's shared parameters); 0 without it.
+    balanced_numel: int = 0
     model: MultiTaskModel | None = field(default=None, repr=False)
 
     def test_auc(self, task: str) -> float:
@@ -276,6 +278,7 @@ class RunResult:
             "wall_time_s": self.wall_time_s,
             "expert_load_last_epoch": self.expert_load,
             "num_parameters": self.num_parameters,
+            "balanced_parameters": self.balanced_numel,
             "data": self.data_summary,
         }
 
@@ -333,6 +336,9 @@ def run_training(
     train_loader = make_loader(data.train, config.batch_size, shuffle=True, seed=config.seed)
     eval_batch = max(config.batch_size, 4096)
     trainer.fit(module, train_loader, make_loader(data.val, eval_batch, shuffle=False))
+    optimizer = trainer.optimizers[0] if trainer.optimizers else None
+    balanced = getattr(optimizer, "shared_params", None)  # set when the callback wrapped it in PUB
+    balanced_numel = sum(p.numel() for p in balanced) if balanced is not None else 0
     trainer.test(module, make_loader(data.test, eval_batch, shuffle=False), verbose=False)
     test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     return RunResult(
@@ -348,5 +354,6 @@ def run_training(
         expert_load=module.last_expert_load,
         num_parameters=model.num_parameters(),
         data_summary=data.describe(),
+        balanced_numel=balanced_numel,
         model=model,
     )

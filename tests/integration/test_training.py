@@ -111,3 +111,25 @@ def test_expert_load_shares_and_dead_experts() -> None:
     assert out["experts/g/max_share"] == pytest.approx(60 / 81)
     # Dead: share below 0.1 / 4 = 0.025 -> expert 1 (0) and expert 3 (1/81 = 0.012).
     assert out["experts/g/dead"] == 2
+
+
+@pytest.mark.parametrize("balancer", ["pareto", "mgda"])
+def test_balanced_training_end_to_end(balancer: str, synthetic: MultiTaskData) -> None:
+    """With the UpdateBalancing callback: the declared shared parameters are what PUB balances,
+    the recorded task weights are the solver's (positive, summing to 1, not all equal)."""
+    pytest.importorskip("pub_optim.lightning")
+    result = run_training(tiny_config("mmoe", balancer=balancer), synthetic)
+    shared = sum(p.numel() for p in result.model.shared_parameters())
+    assert result.balanced_numel == shared > 0
+    weights = torch.tensor([[row[t] for t in synthetic.task_names] for row in result.weights])
+    assert len(weights) == result.epochs_run * 6
+    assert bool((weights >= 0).all())
+    torch.testing.assert_close(weights.sum(1), torch.ones(len(weights), dtype=weights.dtype))
+    assert float((weights[:, 0] - 0.5).abs().max()) > 1e-3
+    for t in synthetic.task_names:
+        assert 0.6 < result.test_auc(t) <= 1.0
+
+
+def test_equal_weighting_balances_nothing(synthetic: MultiTaskData) -> None:
+    result = run_training(tiny_config("mmoe", epochs=1), synthetic)
+    assert result.balanced_numel == 0
