@@ -41,6 +41,13 @@ _CHECK_DECREMENT = 1e-12
 #: Ill-conditioned problems (the ridge-regularised ones) reach this while their Nash residual
 #: still fluctuates at its rounding floor (~1e-8 for a ridge of 1e-8).
 _FLOOR_DECREMENT = 1e-14
+#: Weights this many times their natural scale ``1/|d_k|`` count as running off to infinity (no
+#: Nash point). A Nash point that large could not be accepted anyway: the rounding floor of its
+#: residual, ~1e-16 (alpha_k |d_k|)^2, would exceed ``_ACCEPT_RESIDUAL``. Stopping there also
+#: keeps the Newton system far from numerically singular (no NaN, no floating-point warning).
+_RUN_OFF = 1e6
+#: The Sinkhorn start needs every ``(C 1)_k`` above this (else the plain start is used).
+_MIN_BALANCE = 0.05
 #: A converged iterate is accepted as a Nash point when its residual is below this. The floor of
 #: the residual of a ridge-regularised problem is ~1e-8; where no Nash point exists the Newton
 #: iterates run off and the residual is of order one.
@@ -64,7 +71,7 @@ try:
     _solve1 = _umath_linalg.solve1
 
     def _solve_spd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-        # No ``errstate`` per call (it costs as much as the solve): ``_newton`` sets it once.
+        # No ``errstate`` (it costs as much as the solve): see ``_RUN_OFF``.
         return _solve1(matrix, rhs, signature="dd->d")
 
     _solve_spd(np.eye(2), np.ones(2))  # fail here, not in a solve, if the gufunc changed
@@ -93,12 +100,13 @@ def _balanced_point(gram: np.ndarray) -> np.ndarray | None:
     correlation matrix ``C`` (a symmetric matrix balancing problem); one step of its fixed-point
     iteration ``s <- sqrt(s / (C s))`` from ``s = 1`` gives ``s = 1/sqrt(C 1)``, exact to first
     order in the correlations and a better start than :func:`_initial_point` (one Newton
-    iteration fewer, typically). ``None`` where ``C 1`` is not positive (conflicting updates).
+    iteration fewer, typically). ``None`` where ``C 1`` is not clearly positive (conflicting
+    updates; a task whose correlations nearly cancel would start at a huge weight).
     """
     inv_norm = gram.diagonal() ** -0.5
     row = gram @ inv_norm
     row *= inv_norm  # C 1
-    if not row.min() > 0.0:
+    if not row.min() > _MIN_BALANCE:
         return None
     row **= -0.5
     row *= inv_norm
@@ -117,20 +125,15 @@ def _newton(gram: np.ndarray, tol: float, max_iter: int) -> np.ndarray | None:
     residual is only evaluated once the decrement says that the iterate is close. For K <= 16
     the cost is the number of numpy calls, which this loop keeps to eight per iteration.
     """
-    # A singular Newton system (weights running off to infinity where there is no Nash point)
-    # gives NaN, handled below as a failure: no floating-point warning for it.
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        return _newton_loop(gram, tol, max_iter)
-
-
-def _newton_loop(gram: np.ndarray, tol: float, max_iter: int) -> np.ndarray | None:
+    limit = -1.0  # set on the first damped step (the balanced start is within it)
     alpha = _balanced_point(gram)
     if alpha is None:
         alpha = _initial_point(gram)
         if alpha is None:
             return None
-    start = alpha
-    limit = -1.0  # set on the first damped step
+        limit = _RUN_OFF * float((gram.diagonal() ** -0.5).max())
+        if not float(alpha.max()) <= limit:
+            return None  # even the best multiple of 1/|d_k| is beyond it: no Nash point
     k = gram.shape[0]
     gram_diagonal = gram.diagonal()
     hessian = gram.copy()  # only its diagonal changes: G + diag(1/alpha^2)
@@ -149,7 +152,7 @@ def _newton_loop(gram: np.ndarray, tol: float, max_iter: int) -> np.ndarray | No
             step *= 1.0 / (1.0 + math.sqrt(decrement))
             alpha = alpha - step
             if limit < 0.0:
-                limit = 1e12 * float(start.max())
+                limit = _RUN_OFF * float((gram.diagonal() ** -0.5).max())
             if not float(alpha.max()) <= limit:
                 return None  # running off to infinity: no Nash point for this geometry (or NaN)
             continue
