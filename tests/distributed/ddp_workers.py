@@ -104,6 +104,7 @@ def edge_cases(rank: int) -> dict[str, Any]:
         "idle": {fup: reducer_stays_idle(rank, fup) for fup in (False, True)},
         "presence": partial_presence(rank),
         "mismatch": layout_mismatch(rank),
+        "nan": nan_on_one_rank(rank),
     }
 
 
@@ -215,4 +216,33 @@ def layout_mismatch(rank: int) -> dict[str, Any]:
         opt.backward(task_losses(model(x.float()), y.float()))
     except RuntimeError as err:
         return {"error": str(err)}
+    return {"error": None}
+
+
+def nan_on_one_rank(rank: int) -> dict[str, Any]:
+    """``check_finite=False``: a NaN loss on rank 1 only is averaged into both ranks, and
+    ``step`` raises on both before changing anything."""
+    torch.set_default_dtype(torch.float64)
+    model = TwoTask()
+    ddp = DistributedDataParallel(model)
+    opt = PUB(
+        torch.optim.Adam(ddp.parameters(), lr=1e-2),
+        check_finite=False,
+        gradient_sync=GradientAllReduce(ddp),
+    )
+    x, y = batches(1, 8, seed=5 + rank)[0]
+    losses = task_losses(ddp(x), y)
+    if rank == 1:
+        losses["b"] = losses["b"] * float("nan")
+    before = _flat(model).clone()
+    opt.zero_grad()
+    opt.backward(losses)
+    try:
+        opt.step()
+    except FloatingPointError as err:
+        return {
+            "error": str(err),
+            "unchanged": torch.equal(before, _flat(model)),
+            "state": len(opt.optimizer.state),
+        }
     return {"error": None}

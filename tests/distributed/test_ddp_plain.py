@@ -86,3 +86,12 @@ def test_ranks_balancing_different_parameters_get_a_clear_error(
     for r in edge:
         assert r["mismatch"]["error"] is not None
         assert "pass shared_params" in r["mismatch"]["error"]
+
+
+def test_nonfinite_loss_on_one_rank_raises_on_every_rank_without_check_finite(
+    edge: list[dict[str, Any]],
+) -> None:
+    for r in edge:
+        assert r["nan"]["error"] is not None and "non-finite" in r["nan"]["error"]
+        assert r["nan"]["unchanged"] is True
+        assert r["nan"]["state"] == 0
