@@ -10,6 +10,7 @@ are used, with the reason; "well conditioned" means full rank with condition num
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -230,6 +231,17 @@ def test_pareto_raw_weights_satisfy_the_nash_condition(spec: GramSpec):
 def test_pareto_positive_weights_on_any_rank(spec: GramSpec):
     # Rank < K without a Nash point is solved on G + ridge: the weights stay strictly positive.
     assert np.all(weights_of(Pareto(), spec.matrix()) > 0.0)
+
+
+@pytest.mark.parametrize("name", _strategy_ids(GRAM_STRATEGIES))
+@FEW
+@given(spec=gram_specs(min_k=2, full_rank=False))
+def test_degenerate_matrices_raise_no_floating_point_warning(name: str, spec: GramSpec):
+    # Rank < K (often no Nash point, singular systems): the solvers handle it by rule, without
+    # numpy warnings (the native Newton solver runs without an errstate context).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weights_of(GRAM_STRATEGIES[name](), spec.matrix())
 
 
 @SOME
