@@ -1,8 +1,8 @@
 """Multi-task training with Lightning and Parameter Update Balancing: one callback.
 
-    python docs/examples/lightning_example.py                                  # CPU, one process
-    python docs/examples/lightning_example.py --strategy ddp --devices 2       # 2 processes (DDP)
-    python docs/examples/lightning_example.py --precision bf16-mixed
+python docs/examples/lightning_example.py                                  # CPU, one process
+python docs/examples/lightning_example.py --strategy ddp --devices 2       # 2 processes (DDP)
+python docs/examples/lightning_example.py --precision bf16-mixed
 """
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ def main() -> None:
     )
     trainer.fit(model, DataLoader(synthetic_data(), batch_size=64, shuffle=True))
     if trainer.is_global_zero:
-        weights = {k: round(float(v), 4) for k, v in trainer.logged_metrics.items() if "weight" in k}
+        logged = trainer.logged_metrics
+        weights = {k: round(float(v), 4) for k, v in logged.items() if "weight" in k}
         print("final task weights:", weights)
-        print("train/loss:", float(trainer.logged_metrics["train/loss"]))
+        print("train/loss:", float(logged["train/loss"]))
 
 
 if __name__ == "__main__":
