@@ -162,7 +162,8 @@ def _newton(gram: np.ndarray, tol: float, max_iter: int) -> np.ndarray | None:
         if decrement <= _CHECK_DECREMENT:
             residual = alpha * (gram @ alpha)
             residual -= 1.0
-            error = float(abs(residual).max())
+            # Euclidean norm: one numpy call, and an upper bound of the max-norm residual.
+            error = math.sqrt(float(residual.dot(residual)))
             if error <= tol or decrement <= _FLOOR_DECREMENT:
                 break  # converged, or as exact as double precision allows
     # Accept a point that is as good as double precision allows even if ``tol`` was too strict.
