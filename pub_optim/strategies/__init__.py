@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .base import UpdateBalancer, validate_gram
+from .cagrad import CAGrad
 from .equal_magnitude import EqualMagnitude
 from .min_norm import MinNorm
 from .pareto import Pareto
+from .pcgrad import PCGrad
 from .simple import Equal, Fixed
 
 STRATEGIES: dict[str, type[UpdateBalancer]] = {
@@ -15,6 +17,8 @@ STRATEGIES: dict[str, type[UpdateBalancer]] = {
     "min-norm": MinNorm,
     "equal-magnitude": EqualMagnitude,
     "equal": Equal,
+    "pcgrad": PCGrad,
+    "cagrad": CAGrad,
 }
 
 StrategyLike = str | Sequence[float] | UpdateBalancer
