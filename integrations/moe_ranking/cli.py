@@ -85,6 +85,12 @@ def _add_common(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
         default=1,
         help="torch CPU threads (default 1: the models are small and cores are often shared)",
     )
+    p.add_argument(
+        "--accelerator",
+        choices=("cpu", "gpu", "auto"),
+        default="cpu",
+        help="Lightning accelerator (default cpu, deterministic)",
+    )
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None)
     progress.add_argument("--no-progress", dest="progress", action="store_false")
@@ -267,6 +273,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         patience=args.patience,
         embed_dim=args.embed_dim,
+        accelerator=args.accelerator,
         model_options=_model_options(args),
         data_options={
             k: str(v) if isinstance(v, Path) else v for k, v in _data_options(args).items()
@@ -322,6 +329,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay,
             patience=args.patience,
             embed_dim=args.embed_dim,
+            accelerator=args.accelerator,
             model_options=options,
         )
         head = f"[{i}/{len(DEMO_BALANCERS)}] {args.model}, balancer {balancer}, seed {args.seed}"

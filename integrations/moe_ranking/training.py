@@ -20,6 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import Callback, EarlyStopping
 from torch import Tensor
 
@@ -50,6 +51,9 @@ class TrainConfig:
     weight_decay: float = 1e-6
     patience: int = 3
     embed_dim: int = 8
+    #: Lightning accelerator: "cpu" (default; deterministic), "gpu" or "auto". On CUDA the sparse
+    #: model's gating runs the fused Triton kernel when triton is installed.
+    accelerator: str = "cpu"
     model_options: dict[str, Any] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)
 
@@ -65,6 +69,10 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.patience < 1:
             raise ConfigError(f"patience must be >= 1, got {self.patience}")
+        if self.accelerator not in ("cpu", "gpu", "auto"):
+            raise ConfigError(f"accelerator must be cpu, gpu or auto, got {self.accelerator!r}")
+        if self.accelerator == "gpu" and not torch.cuda.is_available():
+            raise ConfigError("accelerator 'gpu' needs a CUDA device, and torch sees none")
 
 
 def make_balancer_callback(balancer: str) -> Callback | None:
@@ -284,12 +292,39 @@ class RunResult:
 
 
 def quiet_lightning() -> None:
-    """Silence Lightning's informational banner and warnings that do not apply here."""
+    """Silence Lightning's informational banner and warnings that do not apply here.
+
+    (``warnings.filterwarnings`` replaces an identical filter, so repeated calls do not pile up.)
+    """
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*The number of training batches.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
+def make_trainer(
+    config: TrainConfig,
+    callbacks: list[Callback],
+    progress: bool = False,
+    root_dir: str | Path | None = None,
+) -> pl.Trainer:
+    """The Trainer of :func:`run_training`: no logger or checkpoint files, no sanity check."""
+    return pl.Trainer(
+        accelerator=config.accelerator,
+        devices=1,
+        max_epochs=config.epochs,
+        # Bit-for-bit reproducible on CPU; on GPU some scatter kernels have no deterministic
+        # implementation, so only warn there.
+        deterministic=True if config.accelerator == "cpu" else "warn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        default_root_dir=str(root_dir) if root_dir is not None else None,
+    )
 
 
 def run_training(
@@ -320,19 +355,10 @@ def run_training(
     ]
     if balancer_cb is not None:
         callbacks.append(balancer_cb)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=config.epochs,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        default_root_dir=str(root_dir) if root_dir is not None else None,
-    )
+    try:
+        trainer = make_trainer(config, callbacks, progress, root_dir)
+    except MisconfigurationException as exc:
+        raise ConfigError(f"cannot train with accelerator {config.accelerator!r}: {exc}") from exc
     train_loader = make_loader(data.train, config.batch_size, shuffle=True, seed=config.seed)
     eval_batch = max(config.batch_size, 4096)
     trainer.fit(module, train_loader, make_loader(data.val, eval_batch, shuffle=False))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from integrations.moe_ranking.cli import format_table, main
 from integrations.moe_ranking.data._files import widedeep_data_dir
@@ -114,6 +115,14 @@ def test_esmm_without_funnel_and_misplaced_option(tmp_path: Path, capsys) -> Non
     argv = ["fit", "--data", "synthetic", "--model", "mmoe", "--top-k", "2"]
     code, _, err = run_cli([*argv, "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "--top-k applies to --model sparse-moe" in err
+    assert nothing_written(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_gpu_without_cuda(tmp_path: Path, capsys) -> None:
+    argv = ["fit", "--data", "synthetic", "--accelerator", "gpu", "--out", str(tmp_path / "out")]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "needs a CUDA device" in err
     assert nothing_written(tmp_path)
 
 
