@@ -173,17 +173,21 @@ def targets(records: dict[int, Record]) -> list[str]:
             verdict = "met by the medians only, NOT by the quartiles: borderline"
         else:
             verdict = "NOT met"
-        # Agreement "within the CCP's own accuracy": a weight error of the order of its residual.
-        agree_tol = max(10 * rec.residual["ccp"], 1e-9)
-        agree = max(rec.diff.values()) <= agree_tol
+        # Agreement "within the CCP's own accuracy": the issue states it as a residual of
+        # ~1e-5..1e-7 (checked: <= 1e-5); stricter, also against 10x the CCP's measured residual.
+        agreement = max(rec.diff.values())
+        strict = max(10 * rec.residual["ccp"], 1e-9)
+        worst = max(SOLVERS, key=lambda name: rec.residual[name])
         out.append(
             f"- K={k}: newton {speedup:.0f}x faster than the CCP (medians; {pessimistic:.0f}x "
             f"from CCP Q1 / newton Q3) ({verdict}: target >= 1000x); "
             f"newton residual {rec.residual['newton']:.1e} "
             f"({'met' if rec.residual['newton'] <= 1e-9 else 'NOT met'}: target <= 1e-9); "
-            f"CCP residual {rec.residual['ccp']:.1e}; the three agree within "
-            f"{max(rec.diff.values()):.1e} ({'met' if agree else 'NOT met'}: "
-            f"target <= 10 x the CCP residual = {agree_tol:.1e})"
+            f"CCP residual {rec.residual['ccp']:.1e}; the three agree within {agreement:.1e} "
+            f"({'met' if agreement <= 1e-5 else 'NOT met'}: target <= 1e-5, the CCP's stated "
+            f"accuracy; {'within' if agreement <= strict else 'NOT within'} 10x its measured "
+            f"residual = {strict:.1e}; least accurate here: {worst}, "
+            f"residual {rec.residual[worst]:.1e})"
         )
     return out
 
@@ -303,8 +307,9 @@ def main(argv: list[str] | None = None) -> None:
         "3-4 iterations at K = 4 and 8, 5 at K = 16; K = 2 is a closed form. The CCP needs two "
         "convex programs at every K here, each recompiled by cvxpy, so its cost grows with K "
         "more slowly than Newton's at small K: K = 4 is where the ratio is smallest.",
-        "- The DPP program is solved with tightened CLARABEL tolerances (gap 1e-12); with the "
-        "defaults its residual is ~1e-5.",
+        "- The DPP program is solved with tightened CLARABEL settings (gap 1e-12, maximal step "
+        "0.9; see `pub_optim/solvers/nash_cvxpy.py`): residual ~1e-9 typically, up to ~1e-6 "
+        "where the interior-point method stalls; with CLARABEL's defaults it is ~1e-5.",
         "",
         "![time per solve](pareto_solvers.png)",
         "",
