@@ -37,6 +37,7 @@ import numpy as np
 from .nash_newton import FALLBACK_RIDGE, nash_residual
 
 try:
+    import clarabel  # noqa: F401  (the solver both backends use; cvxpy does not require it)
     import cvxpy as cp
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
