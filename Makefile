@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test lint bench-solvers
+.PHONY: setup demo test lint
 
 setup:
 	@bash scripts/setup.sh
