@@ -184,7 +184,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" / "results")
+    parser.add_argument(
+        "--from-json", type=Path, help="re-render the markdown and the plot from a results file"
+    )
     args = parser.parse_args()
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        meta = saved.pop("meta")
+        write_markdown(args.out / "lightning_overhead.md", meta, saved)
+        plot(args.out / "lightning_overhead.png", saved)
+        return
     if args.quick:
         args.rounds, args.steps, args.warmup = 2, 30, 5
     torch.set_num_threads(1)
@@ -248,6 +257,7 @@ def main() -> None:
         json.dumps({"meta": meta, **summary}, indent=1)
     )
     write_markdown(args.out / "lightning_overhead.md", meta, summary)
+    plot(args.out / "lightning_overhead.png", summary)
     print((args.out / "lightning_overhead.md").read_text())
 
 
@@ -306,8 +316,36 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, Any]) ->
         b = "{1:.3f} [{0:.3f}, {2:.3f}]".format(*s["ratio_lightning_vs_plain"])
         c = "{1:.0f} [{0:.0f}, {2:.0f}]".format(*s["callback_own_cost_us"])
         lines.append(f"| {size} | {a} | {b} | {c} |")
-    lines.append("")
+    lines += ["", "![CPU time per step](lightning_overhead.png)", ""]
     path.write_text("\n".join(lines))
+
+
+def plot(path: Path, summary: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setups = ("plain", "lightning", "wrapper", "lightning+callback")
+    labels = (
+        "plain loop\n(summed)",
+        "Lightning\n(summed)",
+        "PUB wrapper\nloop",
+        "Lightning +\nUpdateBalancing",
+    )
+    fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 3.8))
+    for ax, (size, s) in zip(axes, summary.items(), strict=True):
+        med = [s["ms"][k][1] for k in setups]
+        err = [
+            [s["ms"][k][1] - s["ms"][k][0] for k in setups],
+            [s["ms"][k][2] - s["ms"][k][1] for k in setups],
+        ]
+        ax.bar(labels, med, yerr=err, capsize=4, color=["0.7", "0.5", "tab:blue", "tab:orange"])
+        ratio = s["ratio_callback_vs_wrapper"][1]
+        ax.set_title(f"{size}: Lightning+callback / wrapper = {ratio:.3f}")
+        ax.set_ylabel("CPU ms per step (median, IQR)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ class SyncStats:
         collectives: gradient ``all_reduce`` calls issued (one per bucket; the one-off layout
             check is not counted).
         bytes: payload bytes sent into ``all_reduce`` (each rank's buffer size, summed).
-        seconds: wall time spent in packing, the collectives and unpacking.
+        seconds: wall time spent in the hook: packing, the collectives and unpacking.
+        collective_seconds: the part of ``seconds`` spent inside ``all_reduce`` (including
+            waiting for the slowest rank to arrive).
         last_bytes: payload bytes of the last synchronisation.
     """
 
@@ -67,6 +69,7 @@ class SyncStats:
     collectives: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    collective_seconds: float = 0.0
     last_bytes: int = 0
 
 
@@ -206,7 +209,9 @@ class GradientAllReduce:
                 indices, [tensors[i].numel() * itemsize for i in indices], self.bucket_cap_bytes
             ):
                 flat = torch.cat([tensors[i].reshape(-1) for i in chunk])
+                start = time.perf_counter()
                 dist.all_reduce(flat, group=self.process_group)
+                self.stats.collective_seconds += time.perf_counter() - start
                 self.stats.collectives += 1
                 last_bytes += flat.numel() * itemsize
                 offset = 0

@@ -422,7 +422,8 @@ class UpdateBalancing(Callback):
         values = torch.stack([v.detach().reshape(()).float() for v in losses])
         bad = ~torch.isfinite(values)
         n = trainer.accumulate_grad_batches
-        scaled = [v / n for v in losses]  # as Lightning does with the total loss
+        # as Lightning does with the total loss (dividing by 1 is exact: skipped)
+        scaled = [v / n for v in losses] if n != 1 else list(losses)
         if self._scaler is not None:
             scaled = [self._scaler.scale(v) for v in scaled]
         named = dict(zip(self._task_names, scaled, strict=True))
