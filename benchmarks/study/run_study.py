@@ -1,0 +1,180 @@
+"""The quality study of issue 6: one command, resumable, parallel across runs.
+
+Every (dataset, model, method, seed) is one training run whose result is cached as one JSON file
+under ``<cache>/<profile>-<settings id>/<dataset>/<model>/<method>/seed<N>.json``; a rerun skips
+the runs already there (same settings), so an interrupted study resumes where it stopped. Runs go
+to ``--jobs`` worker processes (``concurrent.futures.ProcessPoolExecutor``, one torch thread each).
+At the end :mod:`benchmarks.study.report` aggregates the cache into ``docs/results/``.
+
+    # the full study (hours on 2 CPU cores; resumable; the lead schedules it)
+    .venv/bin/python -m benchmarks.study.run_study --jobs 2
+    # the smoke check (< 15 minutes on 2 cores): subsampled data, 2 epochs, 2 seeds
+    .venv/bin/python -m benchmarks.study.run_study --quick --jobs 2
+
+Profiles: ``full`` is 20 epochs (early stopping on the mean validation AUC, patience 3), batch
+512, Adam lr 1e-3, weight decay 1e-6, embedding dim 8, every model's default size, seeds 0-4.
+``quick`` trains 2 epochs on 8,000 training rows (validation and test: 8,000 rows) with seeds 0-1:
+it checks that every method runs on every model and that the report is produced; its numbers are
+not the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import shlex
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.study.methods import METHOD_NAMES  # noqa: E402
+from benchmarks.study.train import RunKey, Settings, load_cached, run_one  # noqa: E402
+
+DATASETS = ("adult", "movielens")
+MODELS = ("shared-bottom", "mmoe", "ple", "sparse-moe")
+PROFILES: dict[str, tuple[Settings, tuple[int, ...]]] = {
+    "full": (Settings(), (0, 1, 2, 3, 4)),
+    "quick": (Settings(epochs=2, max_train_rows=8000, max_eval_rows=8000), (0, 1)),
+}
+REPORTS = {"full": "docs/results/study.md", "quick": "docs/results/study_quick.md"}
+
+
+def run_dir(cache: Path, profile: str, settings: Settings) -> Path:
+    return cache / f"{profile}-{settings.identity()}"
+
+
+def plan(
+    datasets: list[str], models: list[str], methods: list[str], seeds: list[int]
+) -> list[RunKey]:
+    """All runs, grouped by dataset (each worker loads a dataset once) then model and method."""
+    return [
+        RunKey(d, m, meth, s) for d in datasets for m in models for meth in methods for s in seeds
+    ]
+
+
+def update_manifest(folder: Path, entry: dict[str, Any], settings: Settings) -> None:
+    path = folder / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = {"settings": settings.to_json(), "settings_id": settings.identity()}
+    manifest.setdefault("invocations", []).append(entry)
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=1))
+
+
+def execute(
+    keys: list[RunKey], settings: Settings, folder: Path, jobs: int, log: Any = print
+) -> tuple[int, int, list[tuple[RunKey, str]]]:
+    """Train the runs not yet cached; returns ``(done, cached, failures)``."""
+    pending = [k for k in keys if load_cached(k.path(folder), settings) is None]
+    cached = len(keys) - len(pending)
+    log(f"{len(keys)} runs: {cached} cached, {len(pending)} to train with {jobs} job(s)")
+    failures: list[tuple[RunKey, str]] = []
+    done = 0
+    start = time.perf_counter()
+
+    def report(key: RunKey, status: str, seconds: float) -> None:
+        nonlocal done
+        done += 1
+        elapsed = time.perf_counter() - start
+        log(f"[{done}/{len(pending)}] {key.label()}: {status} in {seconds:.1f} s "
+            f"(elapsed {elapsed / 60:.1f} min)")  # fmt: skip
+
+    if jobs <= 1:
+        for key in pending:
+            try:
+                report(*run_one(key, settings, str(folder)))
+            except Exception as exc:  # one failed run must not stop the study
+                failures.append((key, f"{type(exc).__name__}: {exc}"))
+                log(f"FAILED {key.label()}: {type(exc).__name__}: {exc}")
+        return done, cached, failures
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures: dict[Future[tuple[RunKey, str, float]], RunKey] = {
+            pool.submit(run_one, key, settings, str(folder)): key for key in pending
+        }
+        remaining = set(futures)
+        while remaining:
+            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            for future in finished:
+                key = futures[future]
+                try:
+                    report(*future.result())
+                except Exception as exc:
+                    failures.append((key, f"{type(exc).__name__}: {exc}"))
+                    log(f"FAILED {key.label()}: {type(exc).__name__}: {exc}")
+    return done, cached, failures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.study.run_study", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--quick", action="store_true", help="the smoke-check profile (see above)")
+    p.add_argument("--seeds", type=int, nargs="+", help="default: 0-4 (quick: 0 1)")
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--cache", type=Path, default=REPO / "runs" / "study")
+    p.add_argument(
+        "--report", type=Path, default=None,
+        help="markdown report to write (default docs/results/study.md, quick: study_quick.md)",
+    )  # fmt: skip
+    p.add_argument("--no-report", action="store_true", help="train only")
+    p.add_argument("--report-only", action="store_true", help="aggregate the cache only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    profile = "quick" if args.quick else "full"
+    settings, default_seeds = PROFILES[profile]
+    seeds = list(args.seeds) if args.seeds else list(default_seeds)
+    if "equal" not in args.methods:
+        args.methods = ["equal", *args.methods]  # the baseline of every comparison
+    folder = run_dir(args.cache, profile, settings)
+    keys = plan(args.datasets, args.models, args.methods, seeds)
+    command = "python -m benchmarks.study.run_study " + shlex.join(argv or sys.argv[1:])
+    started = time.perf_counter()
+    failures: list[tuple[RunKey, str]] = []
+    if not args.report_only:
+        print(f"profile {profile}, settings {settings.identity()}, cache {folder}")
+        done, cached, failures = execute(keys, settings, folder, args.jobs)
+        update_manifest(
+            folder,
+            {
+                "command": command,
+                "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+                "wall_time_s": time.perf_counter() - started,
+                "jobs": args.jobs,
+                "trained": done,
+                "cached": cached,
+                "failed": [f"{k.label()}: {msg}" for k, msg in failures],
+                "host": platform.node(),
+            },
+            settings,
+        )
+        print(f"trained {done}, cached {cached}, failed {len(failures)} in "
+              f"{(time.perf_counter() - started) / 60:.1f} min")  # fmt: skip
+    if not args.no_report:
+        from benchmarks.study.report import write_report
+
+        out = args.report if args.report is not None else REPO / REPORTS[profile]
+        write_report(folder, out, keys=keys, profile=profile, command=command)
+        print(f"wrote {out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

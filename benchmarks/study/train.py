@@ -1,0 +1,399 @@
+"""Training one (dataset, model, method, seed) of the study and caching its result as JSON.
+
+Methods that the reference integration's ``run_training`` supports (equal weighting, PUB with its
+three strategies, MGDA / IMTL-G / Nash-MTL through the ``UpdateBalancing`` callback) train through
+it unchanged. The others train through :func:`train_custom`, which repeats ``run_training``'s
+recipe step for step (same seeding, model construction, loaders, Trainer arguments, early
+stopping, best-epoch restore and test) and adds only what the method needs: the callback with a
+PCGrad / CAGrad strategy, or a module whose training loss is a weighted loss (uncertainty
+weighting, FAMO). ``tests/study`` checks that :func:`train_custom` reproduces ``run_training``
+exactly where both apply, so the two paths cannot drift apart unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, EarlyStopping
+from torch import Tensor
+
+from integrations.moe_ranking.data import MultiTaskData, Split, load_data, make_loader
+from integrations.moe_ranking.models import MultiTaskModel, build_model
+from integrations.moe_ranking.training import (
+    MONITOR,
+    BestWeights,
+    History,
+    RankingModule,
+    TrainConfig,
+    quiet_lightning,
+    run_training,
+)
+from pub_optim.lightning import UpdateBalancing
+from pub_optim.loss_weighting import FAMO, UncertaintyWeighting
+from pub_optim.strategies import CAGrad, PCGrad, UpdateBalancer
+
+from .methods import Method, get_method
+
+SCHEMA = 1
+
+
+# --------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides (dataset, model, method, seed) that defines a run."""
+
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    patience: int = 3
+    embed_dim: int = 8
+    #: Keep only this many training rows (a fixed random subset, the same for every run).
+    max_train_rows: int | None = None
+    #: Keep only this many validation and test rows (fixed random subsets).
+    max_eval_rows: int | None = None
+    cagrad_c: float = 0.5
+    #: Per-model keyword options for ``build_model`` (e.g. ``{"mmoe": {"num_experts": 8}}``).
+    model_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Per-dataset keyword options for ``load_data``; the key is the run's dataset name, and an
+    #: option ``"_loader"`` names the loader when it differs (``{"aliexpress-NL": {"_loader":
+    #: "aliexpress", "country": "NL", "root": ...}}``).
+    data_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Keep the task weights of every N-th step in the cached JSON.
+    weights_every: int = 10
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model_options"] = {k: dict(v) for k, v in self.model_options.items()}
+        out["data_options"] = {
+            k: {n: str(x) if isinstance(x, Path) else x for n, x in v.items()}
+            for k, v in self.data_options.items()
+        }
+        return out
+
+    def identity(self) -> str:
+        """Short hash of the settings: runs cached under other settings are never mixed in."""
+        text = json.dumps(self.to_json(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True, order=True)
+class RunKey:
+    dataset: str
+    model: str
+    method: str
+    seed: int
+
+    def path(self, root: Path) -> Path:
+        return root / self.dataset / self.model / self.method / f"seed{self.seed}.json"
+
+    def label(self) -> str:
+        return f"{self.dataset}/{self.model}/{self.method}/seed{self.seed}"
+
+
+# ------------------------------------------------------------------------------------- data
+_DATA_CACHE: dict[str, MultiTaskData] = {}
+
+
+def _subset(split: Split, n: int | None, seed: int) -> Split:
+    if n is None or n >= len(split):
+        return split
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(split), generator=generator)[:n].sort().values
+    return Split(split.cat[index], split.num[index], split.labels[index])
+
+
+def get_data(dataset: str, settings: Settings) -> MultiTaskData:
+    """Load (once per process) and subsample a dataset as the settings say."""
+    options = dict(settings.data_options.get(dataset, {}))
+    key = json.dumps(
+        [dataset, options, settings.max_train_rows, settings.max_eval_rows],
+        sort_keys=True,
+        default=str,
+    )
+    if key not in _DATA_CACHE:
+        loader = str(options.pop("_loader", dataset))
+        data = load_data(loader, **options)
+        if settings.max_train_rows is not None or settings.max_eval_rows is not None:
+            data = dataclasses.replace(
+                data,
+                train=_subset(data.train, settings.max_train_rows, 0),
+                val=_subset(data.val, settings.max_eval_rows, 1),
+                test=_subset(data.test, settings.max_eval_rows, 2),
+            )
+        _DATA_CACHE[key] = data
+    return _DATA_CACHE[key]
+
+
+# ------------------------------------------------------------------------ loss weighting
+class LossWeightedModule(RankingModule):
+    """The integration's ``RankingModule`` trained on a weighted loss (one backward pass).
+
+    ``weighting="uw"``: uncertainty weighting; its log-variances are parameters of this module,
+    so the module's Adam trains them with the model. ``weighting="famo"``: FAMO; after every
+    optimizer step the task losses of the same batch are re-evaluated without gradients (one
+    extra forward pass, as in the reference code) and FAMO updates its logits.
+    """
+
+    def __init__(
+        self, model: MultiTaskModel, lr: float, weight_decay: float, weighting: str
+    ) -> None:
+        super().__init__(model, lr=lr, weight_decay=weight_decay)
+        k = len(self.task_names)
+        self.weighting_name = weighting
+        self.uw: UncertaintyWeighting | None = None
+        self.famo: FAMO | None = None
+        if weighting == "uw":
+            self.uw = UncertaintyWeighting(k)
+        elif weighting == "famo":
+            self.famo = FAMO(k)
+        else:
+            raise ValueError(f"unknown loss weighting {weighting!r}")
+        #: ``[step, w_1..w_K]`` after every optimizer step (weights on the task gradients,
+        #: normalised to sum to one).
+        self.weight_log: list[list[float]] = []
+
+    def current_weights(self) -> Tensor:
+        w = self.uw.weights() if self.uw is not None else self.famo.weights()  # type: ignore[union-attr]
+        w = w.double()
+        return w / w.sum()
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        out = super().training_step(batch, batch_idx)
+        losses = out["task_losses"]
+        weighting = self.uw if self.uw is not None else self.famo
+        assert weighting is not None
+        return {"loss": weighting.combine(losses), "task_losses": losses}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.famo is not None:
+            with torch.no_grad():
+                new_losses, _ = self.task_losses(batch)
+            self.famo.update(torch.stack([new_losses[t].detach() for t in self.task_names]))
+        step = float(self.trainer.global_step)
+        self.weight_log.append([step, *self.current_weights().tolist()])
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class Outcome:
+    """What one run produced (either training path)."""
+
+    task_names: tuple[str, ...]
+    test: dict[str, float]
+    best_epoch: int
+    best_val: float
+    epochs_run: int
+    wall_time_s: float
+    history: list[dict[str, float]]
+    #: ``[step, w_1..w_K]`` rows, one per optimizer step.
+    weights: list[list[float]]
+    path: str
+
+
+def _weights_rows(task_names: Sequence[str], rows: list[dict[str, float]]) -> list[list[float]]:
+    return [[row["step"], *(row[t] for t in task_names)] for row in rows]
+
+
+def train_custom(
+    config: TrainConfig,
+    data: MultiTaskData,
+    module_factory: Callable[[MultiTaskModel], RankingModule] | None = None,
+    extra_callbacks: Sequence[Callback] = (),
+) -> Outcome:
+    """``run_training``'s recipe with an optional module factory and extra callbacks.
+
+    Kept step for step identical to ``integrations.moe_ranking.training.run_training`` (the
+    tests compare the two bit for bit on the plain and the callback paths).
+    """
+    config.validate()
+    quiet_lightning()
+    start = time.perf_counter()
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    model = build_model(
+        config.model, data, esmm=config.esmm, embed_dim=config.embed_dim, **config.model_options
+    )
+    if module_factory is None:
+        module = RankingModule(model, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        module = module_factory(model)
+    best, history = BestWeights(), History(model.task_names)
+    callbacks: list[Callback] = [
+        EarlyStopping(monitor=MONITOR, mode="max", patience=config.patience),
+        best,
+        history,
+        *extra_callbacks,
+    ]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=config.epochs,
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    train_loader = make_loader(data.train, config.batch_size, shuffle=True, seed=config.seed)
+    eval_batch = max(config.batch_size, 4096)
+    trainer.fit(module, train_loader, make_loader(data.val, eval_batch, shuffle=False))
+    trainer.test(module, make_loader(data.test, eval_batch, shuffle=False), verbose=False)
+    test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    if isinstance(module, LossWeightedModule):
+        weights = module.weight_log
+    else:
+        weights = _weights_rows(model.task_names, history.weights)
+    return Outcome(
+        task_names=tuple(model.task_names),
+        test=test,
+        best_epoch=best.best_epoch,
+        best_val=best.best_score,
+        epochs_run=trainer.current_epoch,
+        wall_time_s=time.perf_counter() - start,
+        history=history.epochs,
+        weights=weights,
+        path="study.train_custom",
+    )
+
+
+def make_config(key: RunKey, settings: Settings, balancer: str = "equal") -> TrainConfig:
+    return TrainConfig(
+        data=key.dataset,
+        model=key.model,
+        balancer=balancer,
+        seed=key.seed,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        patience=settings.patience,
+        embed_dim=settings.embed_dim,
+        model_options=dict(settings.model_options.get(key.model, {})),
+    )
+
+
+def strategy_for(method: Method, seed: int, settings: Settings) -> UpdateBalancer:
+    if method.strategy == "pcgrad":
+        return PCGrad(seed=seed)
+    if method.strategy == "cagrad":
+        return CAGrad(c=settings.cagrad_c)
+    raise ValueError(f"no study-side strategy for {method.name!r}")
+
+
+def train_method(key: RunKey, settings: Settings, data: MultiTaskData) -> Outcome:
+    """Train one run by the path its method needs (see the module docstring)."""
+    method = get_method(key.method)
+    if method.balancer is not None:
+        config = make_config(key, settings, balancer=method.balancer)
+        result = run_training(config, data)
+        return Outcome(
+            task_names=tuple(result.task_names),
+            test=dict(result.test),
+            best_epoch=result.best_epoch,
+            best_val=result.best_val,
+            epochs_run=result.epochs_run,
+            wall_time_s=result.wall_time_s,
+            history=list(result.history),
+            weights=_weights_rows(result.task_names, result.weights),
+            path="integration.run_training",
+        )
+    config = make_config(key, settings)
+    if method.kind == "loss-weighting":
+
+        def factory(model: MultiTaskModel) -> RankingModule:
+            return LossWeightedModule(model, settings.lr, settings.weight_decay, method.name)
+
+        return train_custom(config, data, module_factory=factory)
+    callback = UpdateBalancing(
+        strategy=strategy_for(method, key.seed, settings),
+        space=method.space,  # type: ignore[arg-type]
+    )
+    return train_custom(config, data, extra_callbacks=[callback])
+
+
+# -------------------------------------------------------------------------------- caching
+def environment() -> dict[str, str]:
+    import pytorch_lightning
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pytorch_lightning": pytorch_lightning.__version__,
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "cpus": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+    }
+
+
+def result_json(key: RunKey, settings: Settings, outcome: Outcome) -> dict[str, Any]:
+    every = max(1, settings.weights_every)
+    rows = outcome.weights
+    kept = rows[::every]
+    if rows and kept[-1] is not rows[-1]:
+        kept.append(rows[-1])
+    return {
+        "schema": SCHEMA,
+        "key": dataclasses.asdict(key),
+        "settings_id": settings.identity(),
+        "settings": settings.to_json(),
+        "task_names": list(outcome.task_names),
+        "test": outcome.test,
+        "best_epoch": outcome.best_epoch,
+        "best_val_mean_auc": outcome.best_val,
+        "epochs_run": outcome.epochs_run,
+        "wall_time_s": outcome.wall_time_s,
+        "history": outcome.history,
+        "weights": {"every": every, "rows": kept},
+        "training_path": outcome.path,
+        "environment": environment(),
+        "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def load_cached(path: Path, settings: Settings) -> dict[str, Any] | None:
+    """The cached result at ``path`` if it exists, is readable and has these settings."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if payload.get("schema") != SCHEMA or payload.get("settings_id") != settings.identity():
+        return None
+    return payload
+
+
+def run_one(key: RunKey, settings: Settings, root: str) -> tuple[RunKey, str, float]:
+    """Train ``key`` unless cached; returns ``(key, "cached" | "done", seconds)``.
+
+    Runs in a worker process: torch uses one thread (the models are small and the cores shared).
+    """
+    path = key.path(Path(root))
+    if load_cached(path, settings) is not None:
+        return key, "cached", 0.0
+    torch.set_num_threads(1)
+    data = get_data(key.dataset, settings)
+    outcome = train_method(key, settings, data)
+    write_json_atomic(path, result_json(key, settings, outcome))
+    return key, "done", outcome.wall_time_s

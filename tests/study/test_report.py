@@ -1,0 +1,82 @@
+"""The report's statistics on hand-made cached runs: Delta-m, the paired t-test, Holm."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.study.report import Comparison, build_cells, compare, holm, load_runs, write_report
+from benchmarks.study.train import RunKey, Settings, write_json_atomic
+
+stats = pytest.importorskip("scipy.stats")
+
+AUCS = {
+    "equal": {0: [0.80, 0.70], 1: [0.82, 0.71], 2: [0.81, 0.69]},
+    "pub-pareto": {0: [0.81, 0.71], 1: [0.82, 0.73], 2: [0.83, 0.70]},
+    "mgda": {0: [0.79, 0.70], 1: [0.80, 0.70], 2: [0.81, 0.68]},
+}
+
+
+def fake_run(key: RunKey, aucs: list[float]) -> dict:
+    tasks = ["a", "b"]
+    return {
+        "schema": 1,
+        "key": {"dataset": key.dataset, "model": key.model, "method": key.method, "seed": key.seed},
+        "settings_id": Settings().identity(),
+        "settings": Settings().to_json(),
+        "task_names": tasks,
+        "test": {f"test/auc/{t}": v for t, v in zip(tasks, aucs, strict=True)},
+        "wall_time_s": 1.0,
+        "epochs_run": 1,
+        "weights": {"every": 1, "rows": [[0.0, 0.5, 0.5], [1.0, 0.6, 0.4]]},
+        "environment": {"torch": "x"},
+    }
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    for method, by_seed in AUCS.items():
+        for seed, aucs in by_seed.items():
+            key = RunKey("toy", "mmoe", method, seed)
+            write_json_atomic(key.path(tmp_path), fake_run(key, aucs))
+    return tmp_path
+
+
+def test_delta_m_and_paired_test(folder: Path) -> None:
+    cells = build_cells(load_runs(folder))
+    c = compare(cells[("toy", "mmoe", "pub-pareto")], cells[("toy", "mmoe", "equal")])
+    # Delta-m on the seed means: task a 0.82 vs 0.81, task b 0.71333 vs 0.70
+    expected = 100 / 2 * ((0.82 - 0.81) / 0.81 + (0.72 + 0.71 + 0.71 - 0.7 * 3) / 3 / 0.70)
+    assert c.delta_m == pytest.approx(expected, rel=1e-9)
+    # per-seed mean-over-tasks differences 0.01, 0.01, 0.015: t = mean / (sd / sqrt 3)
+    diffs = [0.01, 0.01, 0.015]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    t = mean / (sd / math.sqrt(3))
+    assert c.t == pytest.approx(t, rel=1e-6)
+    assert c.p == pytest.approx(2 * stats.t.sf(t, df=2), rel=1e-6)
+    assert c.n == 3 and c.diff_mean == pytest.approx(mean)
+    worse = compare(cells[("toy", "mmoe", "mgda")], cells[("toy", "mmoe", "equal")])
+    assert worse.delta_m < 0 and worse.diff_mean < 0
+
+
+def test_holm() -> None:
+    cs = [Comparison(0, 0, 0, 0, p, 5) for p in (0.01, 0.04, 0.03, math.nan)]
+    holm(cs)
+    # sorted p: 0.01 (x3), 0.03 (x2), 0.04 (x1), monotone
+    assert [c.p_holm for c in cs[:3]] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(cs[3].p_holm)
+
+
+def test_report_files(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "docs" / "study_quick.md"
+    text = write_report(folder, out, profile="quick", command="python -m x --quick")
+    assert "Quick smoke run, not the study" in text
+    assert "python -m x --quick" in text
+    assert "| mmoe | **PUB pareto** | 0.8200 ± 0.0100 |" in text
+    assert out.with_name("study_quick_toy_auc.png").stat().st_size > 0
+    assert out.with_name("study_quick_weights.png").stat().st_size > 0
+    assert json.loads((folder / "toy" / "mmoe" / "equal" / "seed0.json").read_text())["key"]
