@@ -286,7 +286,7 @@ def main() -> int:
     raw_path = Path(args.out).with_name(Path(args.out).stem + "_runs.json")
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     env = environment()
-    env["command"] = "python benchmarks/adult_seeds.py " + " ".join(sys.argv[1:])
+    env["command"] = " ".join(["python benchmarks/adult_seeds.py", *sys.argv[1:]])
     records = json.loads(raw_path.read_text()) if args.report_only else run_all(args, raw_path)
     timing_path = raw_path.with_name(raw_path.stem.replace("_runs", "") + "_main_job.json")
     timing = None
