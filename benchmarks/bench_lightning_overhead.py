@@ -33,6 +33,7 @@ import argparse
 import datetime as dt
 import itertools
 import json
+import os
 import platform
 import random
 import statistics
@@ -238,8 +239,8 @@ def main() -> None:
         }
     meta = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"torch threads={torch.get_num_threads()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared with other "
+        f"jobs), torch threads={torch.get_num_threads()}",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "pytorch_lightning": pl.__version__,
