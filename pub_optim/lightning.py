@@ -175,7 +175,8 @@ class UpdateBalancing(Callback):
         log_cosines: also log the pairwise update cosines (``K (K - 1) / 2`` values).
         prog_bar: show the task weights in the progress bar.
         log_every_n_steps: log every N optimizer steps (default: the trainer's
-            ``log_every_n_steps``, so the values are logged on the steps the logger writes).
+            ``log_every_n_steps``, so the values are logged on the steps the logger writes; the
+            logger still writes on the trainer's schedule, so a larger N only thins it out).
         prefix: prefix of the logged names (``"pub/weight/<task>"``, ``"pub/update_norm/<task>"``,
             ``"pub/cosine/<a>~<b>"``).
         bucket_cap_mb: largest single all-reduce under DDP.
