@@ -286,7 +286,7 @@ def write_report(
         manifest = json.loads((folder / "manifest.json").read_text())
     invocations = manifest.get("invocations", [])
     wall_s = sum(float(i.get("wall_time_s", 0.0)) for i in invocations)
-    jobs = sorted({int(i.get("jobs", 1)) for i in invocations})
+    jobs = ", ".join(str(j) for j in sorted({int(i.get("jobs", 1)) for i in invocations}))
     import numpy
     import scipy
 
