@@ -293,8 +293,11 @@ def write_report(
     lines += [
         "## How it was run",
         "",
-        f"- Command: `{command or (invocations[-1]['command'] if invocations else '?')}`"
-        f" ({len(invocations)} invocation(s); the cache makes it resumable)",
+        "- Command: "
+        + ", then ".join(f"`{c}`" for c in dict.fromkeys([i["command"] for i in invocations]))
+        + f" ({len(invocations)} invocation(s); the cache makes it resumable)"
+        if not command
+        else f"- Command: `{command}` ({len(invocations)} invocation(s); resumable)",
         f"- Runs: {len(runs)} = datasets {datasets} x models "
         f"{sorted({r['key']['model'] for r in runs})} x {len({r['key']['method'] for r in runs})}"
         f" methods x seeds {seeds}",
