@@ -507,7 +507,16 @@ class PUB(torch.optim.Optimizer):
         return DEFAULT_CPU_CHUNK if tensor.device.type == "cpu" else max(1, tensor[0].numel())
 
     def _carry_over_grad_changes(self, active: list[int]) -> None:
+        """Rescale the per-task gradients by what was done to ``.grad`` since :meth:`backward`.
+
+        Where the per-task gradients sum to a non-zero value the factor is elementwise
+        (``grad / sum_k g_k``: exact for value clipping too); where they cancel to zero, it is the
+        least-squares uniform factor ``<grad, sum> / <sum, sum>`` over all changed tensors, which is
+        exact for the uniform changes that matter (norm clipping, ``GradScaler.unscale_``).
+        No host synchronisation.
+        """
         assert self._shared is not None
+        changed: list[tuple[Tensor, Tensor, Tensor]] = []
         for i in active:
             p = self._shared[i]
             mark = self._grad_marks[i]
@@ -515,8 +524,16 @@ class PUB(torch.optim.Optimizer):
             if mark is not None and mark == (id(p.grad), p.grad._version):
                 continue
             buf = self._task_grads[i]
-            total = buf.sum(0)
-            ratio = torch.where(total != 0, p.grad / torch.where(total != 0, total, 1), 1.0)
+            changed.append((buf, buf.sum(0), p.grad))
+        if not changed:
+            return
+        dots = torch.stack([(g.double() * t.double()).sum() for _, t, g in changed]).sum()
+        norms = torch.stack([(t.double() * t.double()).sum() for _, t, _ in changed]).sum()
+        uniform = torch.where(norms > 0, dots / torch.where(norms > 0, norms, 1.0), 1.0)
+        for buf, total, grad in changed:
+            nonzero = total != 0
+            factor = uniform.to(total.dtype)
+            ratio = torch.where(nonzero, grad / torch.where(nonzero, total, 1), factor)
             buf.mul_(ratio)
 
     def _gram(self, contexts: list[ParamContext], task_grads: list[Tensor], k: int) -> Tensor:

@@ -245,3 +245,24 @@ def test_deepcopy_and_repr() -> None:
     assert "equal-magnitude" in repr(pub).lower() or "EqualMagnitude" in repr(pub)
     twin = copy.deepcopy(pub)
     assert twin.optimizer is not pub.optimizer
+
+
+def test_uniform_grad_change_reaches_per_task_gradients_that_cancel() -> None:
+    """A GradScaler-style unscale (grad *= 1/S) must also rescale per-task gradients that sum to
+    exactly zero (their sum gives no elementwise ratio)."""
+    torch.manual_seed(0)
+    shared = torch.nn.Parameter(torch.randn(4))
+    pub = PUB(torch.optim.SGD([shared], lr=1.0), [0.75, 0.25], shared_params=[shared])
+    scale = 1024.0
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0])  # the two tasks cancel on the last two entries
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    losses = [scale * (shared * x).sum(), scale * (shared * (x * mask - x * (1 - mask))).sum()]
+    before = shared.detach().clone()
+    pub.zero_grad()
+    pub.backward(losses)
+    assert shared.grad is not None
+    shared.grad.mul_(1.0 / scale)  # what GradScaler.unscale_ does to .grad
+    pub.step()
+    g1, g2 = x, x * mask - x * (1 - mask)
+    expected = before - (0.75 * g1 + 0.25 * g2)
+    torch.testing.assert_close(shared.detach(), expected)
