@@ -49,7 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -91,7 +91,7 @@ STRATEGY = {
 class CostConfig:
     batch: int = 2048
     ks: tuple[int, ...] = (2, 8)
-    rounds: int = 15
+    rounds: int = 30
     steps: int = 3
     warmup: int = 3
     batches: int = 4
@@ -417,7 +417,45 @@ def write_report(
                 f"{r['peak_mib']:.1f} | {r['memory_ratio']:.2f} |"
             )
         lines.append("")
-    lines += [f"![cost ratios]({out.stem}.png)", ""]
+    lines += ["## Summary", ""]
+    for res in results:
+        rows = {m: res.row(m) for m in res.times}
+
+        def ratio(m: str, rows: dict[str, dict[str, float]] = rows) -> str:
+            return f"{rows[m]['ratio_median']:.2f}x" if m in rows else "n/a"
+
+        grad = [m for m in ("mgda", "imtl-g", "nash-mtl", "pcgrad", "cagrad") if m in rows]
+        pub = [m for m in ("pub-min-norm", "pub-equal-magnitude", "pub-pareto") if m in rows]
+
+        def span(ms: Sequence[str], rows: dict[str, dict[str, float]] = rows) -> str:
+            if not ms:
+                return "n/a"
+            values = [rows[m]["ratio_median"] for m in ms]
+            return f"{min(values):.2f}-{max(values):.2f}x"
+
+        lines.append(
+            f"- K = {res.k}: PUB (three strategies) {span(pub)} the time of equal weighting; the "
+            f"gradient-space methods {span(grad)}; loss weighting UW {ratio('uw')}, FAMO "
+            f"{ratio('famo')}; TorchJD UPGrad {ratio('torchjd-upgrad')} (memory "
+            + (
+                f"{rows['torchjd-upgrad']['memory_ratio']:.2f}x"
+                if "torchjd-upgrad" in rows
+                else "n/a"
+            )
+            + ", PUB "
+            + (f"{rows['pub-pareto']['memory_ratio']:.2f}x" if "pub-pareto" in rows else "n/a")
+            + ")."
+        )
+    lines += [
+        "",
+        "Per-task gradients dominate: PUB and the gradient-space methods all run K backward "
+        "passes through the shared part, so they cost about the same; what PUB adds on top (K "
+        "look-ahead transforms, the Gram matrix of the updates) is small next to them on this "
+        "model. The strategy's solve is negligible at K <= 8.",
+        "",
+        f"![cost ratios]({out.stem}.png)",
+        "",
+    ]
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -460,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in cfg.ks:
         print(f"K = {k}: {len(methods)} methods, batch {cfg.batch}", flush=True)
         results.append(measure(make_problem(data, k, cfg), methods, cfg))
-    command = "python -m benchmarks.study.cost " + " ".join(argv or sys.argv[1:])
+    command = " ".join(["python -m benchmarks.study.cost", *(argv or sys.argv[1:])])
     text = write_report(results, cfg, args.out, command, time.perf_counter() - start)
     print(text)
     return 0
