@@ -18,6 +18,7 @@ by an ordinary step on ``g*``: the MGDA / IMTL-G / Nash-MTL baselines.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ TaskLosses = Sequence[Tensor] | Mapping[str, Tensor]
 
 #: Column chunk of the elementwise work on CPU: the ``K x chunk`` temporaries stay in cache.
 DEFAULT_CPU_CHUNK = 1 << 16
+#: ``fused=None`` compiles the Adam kernels once the per-task values of a step reach this count.
+FUSED_AUTO_MIN_VALUES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,12 @@ class PUB(torch.optim.Optimizer):
             parameters and state untouched (costs one host sync per step on CUDA).
         chunk_size: columns per block of the elementwise work (default 65536 on CPU, whole
             tensors on CUDA).
+        fused: compile the Adam/AdamW look-ahead, Gram and apply into two fused loops with
+            ``torch.compile`` (:mod:`pub_optim.transforms.fused`): one read of the per-task
+            gradients per pass, no ``K x P`` temporaries. ``None`` (default): on for Adam/AdamW in
+            the update space on CPU once ``K x P`` reaches 2**20 values (the first step then
+            compiles, taking seconds); ``False``: never; ``True``: whenever the optimizer is
+            Adam/AdamW. If compiling fails the step falls back to the eager path with a warning.
         gradient_sync: called with a :class:`GradientView` at the end of every :meth:`backward`,
             before the step sees the gradients: the place to average them across processes
             (:class:`pub_optim.distributed.GradientAllReduce`). Also settable as an attribute.
@@ -123,6 +132,7 @@ class PUB(torch.optim.Optimizer):
         check_finite: bool = True,
         chunk_size: int | None = None,
         gradient_sync: GradientSync | None = None,
+        fused: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"PUB wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -146,6 +156,8 @@ class PUB(torch.optim.Optimizer):
         self.between_solves: BetweenSolves = between_solves
         self.check_finite = check_finite
         self.chunk_size = chunk_size
+        self.fused = fused
+        self._fused_failed = False
         self.gradient_sync: GradientSync | None = gradient_sync
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
@@ -429,11 +441,20 @@ class PUB(torch.optim.Optimizer):
                     row.copy_(g)
                 else:
                     row.add_(g)
+                    _accumulate(p, g)
                 self._reached[i] = True
-                _accumulate(p, g)
             for p, g in zip(by_task[k], grads[len(shared) :], strict=True):
                 if g is not None:
                     _accumulate(p, g)
+        if first:
+            # .grad of a shared parameter: this backward's sum over tasks, one pass over K x P.
+            for p, buf, reached in zip(shared, self._task_grads, self._reached, strict=True):
+                if not reached:
+                    continue
+                if p.grad is None:
+                    p.grad = buf.sum(0)
+                else:
+                    p.grad.add_(buf.sum(0))
         self._record_grad_marks()
         self._pending = "full"
 
@@ -481,16 +502,24 @@ class PUB(torch.optim.Optimizer):
             self._generic_step(params, task_grads, nonshared, solve)
             return
         contexts = [self._transform.begin(p, self._group_of(p)) for p in params]
+        fused = self._fused_enabled(task_grads)
         gram: Tensor | None = None
-        if solve:
+        if solve and fused:
+            gram = self._gram_fused(contexts, task_grads, num_tasks)
+            fused = gram is not None
+        if solve and gram is None:
             gram = self._gram(contexts, task_grads, num_tasks)
+        if gram is not None:
             self._raise_if_nonfinite(gram)
             weights = self.balancer(gram)
         else:
             assert self._weights is not None
             weights = self._weights
         self._check_finite_grads(nonshared)
-        self._apply(contexts, task_grads, weights)
+        if fused:
+            self._apply_fused(contexts, task_grads, weights)
+        else:
+            self._apply(contexts, task_grads, weights)
         self._step_nonshared(nonshared)
         self._weights = weights
         self._finish_step(solved=solve, gram=gram)
@@ -587,6 +616,85 @@ class PUB(torch.optim.Optimizer):
                     update = out[0]
                 self._transform.commit(ctx, lo, hi, combined, update)
             self._transform.finish(ctx)
+
+    def _fused_enabled(self, task_grads: list[Tensor]) -> bool:
+        if self.fused is False or self._fused_failed or self.space != "update":
+            return False
+        if not hasattr(self._transform, "fused_operands") or not task_grads:
+            return False
+        if self.fused is None:
+            if any(t.device.type != "cpu" for t in task_grads):
+                return False
+            return sum(t.numel() for t in task_grads) >= FUSED_AUTO_MIN_VALUES
+        return True
+
+    def _gram_fused(
+        self, contexts: list[ParamContext], task_grads: list[Tensor], k: int
+    ) -> Tensor | None:
+        """Gram matrix through the compiled kernel; ``None`` (and a warning) if it cannot run."""
+        from .transforms import fused as kernels
+
+        device = task_grads[0].device
+        rows, cols = torch.triu_indices(k, k, device=device)
+        upper = torch.zeros(rows.shape[0], dtype=torch.float64, device=device)
+        transform: Any = self._transform
+        try:
+            for ctx, buf in zip(contexts, task_grads, strict=True):
+                flat = buf.view(k, -1)
+                upper += kernels.adam_gram(
+                    flat,
+                    *transform.fused_operands(ctx)[:4],
+                    rows,
+                    cols,
+                    *transform.fused_operands(ctx)[4:],
+                )
+        except Exception as exc:  # compiler missing or broken: the eager path is exact
+            import traceback
+
+            traceback.print_exc()
+            self._fused_failed = True
+            warnings.warn(
+                f"PUB(fused=...): torch.compile of the fused Adam kernels failed ({exc!r}); "
+                "using the eager path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        gram = torch.zeros((k, k), dtype=torch.float64, device=device)
+        gram[rows, cols] = upper
+        return gram + torch.triu(gram, 1).T
+
+    def _apply_fused(
+        self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor
+    ) -> None:
+        from .transforms import fused as kernels
+
+        transform: Any = self._transform
+        for i, (ctx, buf) in enumerate(zip(contexts, task_grads, strict=True)):
+            k = buf.shape[0]
+            flat = buf.view(k, -1)
+            alpha = weights.to(device=flat.device, dtype=flat.dtype)
+            operands = transform.fused_operands(ctx)
+            try:
+                kernels.adam_apply(
+                    flat,
+                    *operands[:4],
+                    alpha,
+                    *operands[4:],
+                    1.0 - ctx.scalars["beta1"],
+                    transform.fused_decay(ctx),
+                )
+            except Exception as exc:  # parameters are independent: the rest goes the eager way
+                warnings.warn(
+                    f"PUB(fused=...): the fused Adam apply kernel failed ({exc!r}); using the "
+                    "eager path",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._fused_failed = True
+                self._apply(contexts[i:], task_grads[i:], weights)
+                return
+            transform.finish(ctx)
 
     def _generic_step(
         self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool

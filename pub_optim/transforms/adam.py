@@ -102,3 +102,27 @@ class AdamTransform(UpdateTransform):
     def finish(self, ctx: ParamContext) -> None:
         super().finish(ctx)
         ctx.state["step"] += 1
+
+    def fused_operands(self, ctx: ParamContext) -> tuple[Any, ...]:
+        """State views and folded constants for :mod:`pub_optim.transforms.fused`."""
+        s = ctx.scalars
+        b1, b2, c = s["beta1"], s["beta2"], s["bc2_sqrt"]
+        scale = -s["step_size"] * c
+        decoupled = bool(s["decoupled"])
+        return (
+            ctx.flat["m"],
+            ctx.flat["v"],
+            ctx.flat.get("vmax"),
+            ctx.flat["param"],
+            b1 * scale,
+            (1.0 - b1) * scale,
+            b2,
+            1.0 - b2,
+            s["eps"] * c,
+            0.0 if decoupled else s["wd"],
+            bool(ctx.group.get("maximize", False)),
+        )
+
+    def fused_decay(self, ctx: ParamContext) -> float:
+        s = ctx.scalars
+        return 1.0 - s["lr"] * s["wd"] if s["decoupled"] and s["wd"] != 0.0 else 1.0
