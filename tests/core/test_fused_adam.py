@@ -60,7 +60,7 @@ def test_compile_failure_falls_back_to_the_exact_eager_path(
     def broken(*args: object) -> None:
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(kernels, "adam_gram", broken)
+    monkeypatch.setattr(kernels, "adam_apply", broken)
     reference, model = TwoTower(2), TwoTower(2)
     eager = PUB(torch.optim.Adam(reference.parameters(), lr=1e-2), fused=False)
     opt = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), fused=True)
