@@ -501,7 +501,8 @@ class PUB(torch.optim.Optimizer):
         if self._transform is None:
             self._generic_step(params, task_grads, nonshared, solve)
             return
-        contexts = [self._transform.begin(p, self._group_of(p)) for p in params]
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        contexts = [self._transform.begin(p, group_of[id(p)]) for p in params]
         # The Gram pass stays eager (cache-sized blocks and a float32 matrix product, accumulated
         # in float64): measured faster than a compiled reduction, with no K x P temporaries.
         fused = self._fused_enabled(task_grads)
@@ -522,12 +523,6 @@ class PUB(torch.optim.Optimizer):
         self._step_nonshared(nonshared)
         self._weights = weights
         self._finish_step(solved=solve, gram=gram)
-
-    def _group_of(self, param: Tensor) -> dict[str, Any]:
-        for group in self.optimizer.param_groups:
-            if any(p is param for p in group["params"]):
-                return group
-        raise RuntimeError("a shared parameter is no longer in the optimizer")  # pragma: no cover
 
     def _chunk(self, tensor: Tensor) -> int:
         if self.chunk_size is not None:
