@@ -42,6 +42,8 @@ TaskLosses = Sequence[Tensor] | Mapping[str, Tensor]
 DEFAULT_CPU_CHUNK = 1 << 16
 #: ``fused=None`` compiles the Adam kernels once the per-task values of a step reach this count.
 FUSED_AUTO_MIN_VALUES = 1 << 20
+#: Tensors with fewer values per task than this take the eager apply even on the fused path.
+FUSED_MIN_TENSOR = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -628,7 +630,12 @@ class PUB(torch.optim.Optimizer):
         from .transforms import fused as kernels
 
         transform: Any = self._transform
+        small = [i for i, buf in enumerate(task_grads) if buf[0].numel() < FUSED_MIN_TENSOR]
+        if small:  # a compiled call costs ~0.3 ms of guards: not worth it for biases
+            self._apply([contexts[i] for i in small], [task_grads[i] for i in small], weights)
         for i, (ctx, buf) in enumerate(zip(contexts, task_grads, strict=True)):
+            if i in small:
+                continue
             k = buf.shape[0]
             flat = buf.view(k, -1)
             alpha = weights.to(device=flat.device, dtype=flat.dtype)
@@ -643,6 +650,7 @@ class PUB(torch.optim.Optimizer):
                     transform.fused_decay(ctx),
                 )
             except Exception as exc:  # parameters are independent: the rest goes the eager way
+                rest = [j for j in range(i, len(contexts)) if j not in small]
                 warnings.warn(
                     f"PUB(fused=...): the fused Adam apply kernel failed ({exc!r}); using the "
                     "eager path",
@@ -650,7 +658,7 @@ class PUB(torch.optim.Optimizer):
                     stacklevel=3,
                 )
                 self._fused_failed = True
-                self._apply(contexts[i:], task_grads[i:], weights)
+                self._apply([contexts[j] for j in rest], [task_grads[j] for j in rest], weights)
                 return
             transform.finish(ctx)
 

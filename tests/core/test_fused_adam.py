@@ -19,9 +19,20 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fused_matches_eager(name: str) -> None:
+def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pub_optim.transforms import fused as kernels
+
+    calls = []
+    compiled = kernels.adam_apply
+
+    def counting(*args: object) -> None:
+        calls.append(args[0].shape)  # type: ignore[attr-defined]
+        compiled(*args)
+
+    monkeypatch.setattr(kernels, "adam_apply", counting)
     factory = CONFIGS[name]
-    eager_model, fused_model = TwoTower(3, width=16), TwoTower(3, width=16)
+    # width 160: the 160 x 160 trunk weight is above FUSED_MIN_TENSOR, its biases are below.
+    eager_model, fused_model = TwoTower(3, width=160), TwoTower(3, width=160)
     eager = PUB(factory(list(eager_model.parameters())), "pareto", fused=False)
     fused = PUB(factory(list(fused_model.parameters())), "pareto", fused=True)
     for step in range(6):
@@ -34,6 +45,7 @@ def test_fused_matches_eager(name: str) -> None:
         assert eager.last_stats is not None and fused.last_stats is not None
         torch.testing.assert_close(fused.last_stats.gram, eager.last_stats.gram, rtol=1e-5, atol=0)
         torch.testing.assert_close(fused.weights, eager.weights, rtol=1e-5, atol=1e-7)
+    assert calls and all(shape == (3, 160 * 160) for shape in calls)  # the kernel really ran
     for p, q in zip(eager_model.parameters(), fused_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     for key, state in eager.optimizer.state_dict()["state"].items():
@@ -61,7 +73,7 @@ def test_compile_failure_falls_back_to_the_exact_eager_path(
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(kernels, "adam_apply", broken)
-    reference, model = TwoTower(2), TwoTower(2)
+    reference, model = TwoTower(2, width=160), TwoTower(2, width=160)
     eager = PUB(torch.optim.Adam(reference.parameters(), lr=1e-2), fused=False)
     opt = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), fused=True)
     x, y = batch(0)
