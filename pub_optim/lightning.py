@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import GradientAllReduce, is_distributed
 from .strategies import StrategyLike, UpdateBalancer, get_strategy
-from .wrapper import PUB, BetweenSolves, Space
+from .wrapper import PUB, BetweenSolves, Space, split_task_losses
 
 try:  # pragma: no cover - exercised by whichever package is installed
     import pytorch_lightning as pl
@@ -376,17 +376,13 @@ class UpdateBalancing(Callback):
             keys = list(output) if isinstance(output, Mapping) else type(output).__name__
             raise TypeError(f"training_step returned {keys} without 'task_losses': " + _CONTRACT)
         tasks = output["task_losses"]
-        if isinstance(tasks, Mapping):
-            names = tuple(str(k) for k in tasks)
-            losses = list(tasks.values())
-        elif isinstance(tasks, Sequence) and not isinstance(tasks, (str, bytes)):
-            losses = list(tasks)
-            names = tuple(f"task{k}" for k in range(len(losses)))
-        else:
+        named = split_task_losses(tasks)
+        if named is None:
             raise TypeError(
                 f"'task_losses' must be a dict name -> scalar loss or a list of scalar losses, got "
                 f"{type(tasks).__name__}: " + _CONTRACT
             )
+        names, losses = named
         if not losses:
             raise ValueError("'task_losses' is empty: " + _CONTRACT)
         for name, loss in zip(names, losses, strict=True):

@@ -199,6 +199,7 @@ class PUB(torch.optim.Optimizer):
         # Per-step state (not persisted: dropped by zero_grad and step).
         self._shared: list[Tensor] | None = None
         self._owners: dict[int, list[int]] = {}
+        self._by_task: list[list[Tensor]] | None = None
         self._task_grads: list[Tensor] = []
         self._reached: list[bool] = []
         self._grad_marks: list[tuple[int, int] | None] = []
@@ -305,17 +306,13 @@ class PUB(torch.optim.Optimizer):
                 self._record_grad_marks()
 
     def _check_losses(self, losses: TaskLosses) -> tuple[tuple[str, ...], list[Tensor]]:
-        if isinstance(losses, Mapping):
-            names = tuple(str(n) for n in losses)
-            tensors = list(losses.values())
-        elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
-            tensors = list(losses)
-            names = tuple(f"task{k}" for k in range(len(tensors)))
-        else:
+        named = split_task_losses(losses)
+        if named is None:
             raise TypeError(
                 "losses must be a sequence of scalar tensors or a {name: loss} mapping, "
                 f"got {type(losses).__name__}"
             )
+        names, tensors = named
         if not tensors:
             raise ValueError("backward() got no losses: pass one scalar loss per task")
         for name, loss in zip(names, tensors, strict=True):
@@ -374,17 +371,21 @@ class PUB(torch.optim.Optimizer):
                 )
         self._shared = shared
         self._owners = owners
+        self._by_task = None
         self._task_grads = []
 
     def _nonshared_by_task(self) -> list[list[Tensor]]:
-        assert self._shared is not None and self._task_names is not None
-        shared_ids = {id(p) for p in self._shared}
-        by_task: list[list[Tensor]] = [[] for _ in self._task_names]
-        for p in self._all_params():
-            if id(p) not in shared_ids:
-                for k in self._owners.get(id(p), []):
-                    by_task[k].append(p)
-        return by_task
+        """Per task, the non-shared parameters its loss reaches (computed with the partition)."""
+        if self._by_task is None:
+            assert self._shared is not None and self._task_names is not None
+            shared_ids = {id(p) for p in self._shared}
+            by_task: list[list[Tensor]] = [[] for _ in self._task_names]
+            for p in self._all_params():
+                if id(p) not in shared_ids:
+                    for k in self._owners.get(id(p), []):
+                        by_task[k].append(p)
+            self._by_task = by_task
+        return self._by_task
 
     def _use_weighted_backward(self) -> bool:
         if self.solve_every == 1 or self.between_solves != "weighted_gradient":
@@ -761,6 +762,17 @@ class PUB(torch.optim.Optimizer):
         if self._shared is None:
             raise RuntimeError("the shared parameters are known after the first backward()")
         return list(self._shared)
+
+
+def split_task_losses(losses: object) -> tuple[tuple[str, ...], list[Any]] | None:
+    """Task names and losses from a ``{name: loss}`` mapping or a sequence (named ``task0``,
+    ``task1``, ...); ``None`` for anything else (the caller says what it expected)."""
+    if isinstance(losses, Mapping):
+        return tuple(str(n) for n in losses), list(losses.values())
+    if isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
+        values = list(losses)
+        return tuple(f"task{k}" for k in range(len(values))), values
+    return None
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
