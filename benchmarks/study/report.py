@@ -11,7 +11,7 @@ the mean over tasks, Delta-m against equal weighting and a paired test against i
   weights and batch order). Not corrected for multiple comparisons; the Holm-Bonferroni
   correction over every comparison in the report is given next to it.
 
-    .venv/bin/python -m benchmarks.study.report --run-dir runs/study/full-<id> \
+    .venv/bin/python -m benchmarks.study.report --run-dir benchmarks/study/records/full-<id> \
         --out docs/results/study.md
 """
 

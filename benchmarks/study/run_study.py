@@ -45,6 +45,12 @@ PROFILES: dict[str, tuple[Settings, tuple[int, ...]]] = {
     "full": (Settings(), (0, 1, 2, 3, 4)),
     "quick": (Settings(epochs=2, max_train_rows=8000, max_eval_rows=8000), (0, 1)),
 }
+# The full study's records are evidence (one small JSON per run), so they are committed; the quick
+# profile's are a smoke check and stay in the ignored runs/ folder.
+DEFAULT_CACHE = {
+    "full": REPO / "benchmarks" / "study" / "records",
+    "quick": REPO / "runs" / "study",
+}
 REPORTS = {"full": "docs/results/study.md", "quick": "docs/results/study_quick.md"}
 
 
@@ -126,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--cache", type=Path, default=REPO / "runs" / "study")
+    p.add_argument(
+        "--cache", type=Path, default=None,
+        help="where the per-run JSON records live (default: full: benchmarks/study/records, "
+        "committed with the repository so the study resumes across machines; quick: runs/study)",
+    )  # fmt: skip
     p.add_argument(
         "--report", type=Path, default=None,
         help="markdown report to write (default docs/results/study.md, quick: study_quick.md)",
@@ -143,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(args.seeds) if args.seeds else list(default_seeds)
     if "equal" not in args.methods:
         args.methods = ["equal", *args.methods]  # the baseline of every comparison
-    folder = run_dir(args.cache, profile, settings)
+    cache = args.cache if args.cache is not None else DEFAULT_CACHE[profile]
+    folder = run_dir(cache, profile, settings)
     keys = plan(args.datasets, args.models, args.methods, seeds)
     command = "python -m benchmarks.study.run_study " + shlex.join(argv or sys.argv[1:])
     started = time.perf_counter()

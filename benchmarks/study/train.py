@@ -369,7 +369,7 @@ def result_json(key: RunKey, settings: Settings, outcome: Outcome) -> dict[str, 
 def write_json_atomic(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(payload, sort_keys=True, separators=(",", ":")) + "\n")
     tmp.replace(path)
 
 
