@@ -1,10 +1,11 @@
 # The two commands of the quick start:
 #   make demo   set up .venv (CPU torch + every extra) and run the main job
 #   make test   set up .venv if needed and run the test suite (what .ci/run calls)
+#   make docs   build the documentation site into site/ (strict: any warning fails)
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint docs
 
 setup:
 	@bash scripts/setup.sh
@@ -18,3 +19,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+
+# NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2.0 says nothing about these docs.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
