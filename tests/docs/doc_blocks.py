@@ -79,11 +79,9 @@ def _marker_above(lines: list[str], fence_index: int, page: Path) -> tuple[str |
     return reason, used
 
 
-def blocks(page: Path) -> list[Block]:
-    """The fenced Python blocks of ``page`` in order, with their skip reasons."""
-    lines = page.read_text(encoding="utf-8").split("\n")
-    found: list[Block] = []
-    attached: set[int] = set()
+def _fences(lines: list[str]) -> list[tuple[int, str, list[str]]]:
+    """Every fenced block: (index of the opening fence, language tag, dedented body lines)."""
+    found: list[tuple[int, str, list[str]]] = []
     i = 0
     while i < len(lines):
         opening = _FENCE.match(lines[i])
@@ -105,11 +103,27 @@ def blocks(page: Path) -> list[Block]:
                 break
             body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j])
             j += 1
+        found.append((i, lang, body))
+        i = j + 1
+    return found
+
+
+def untagged_fences(page: Path) -> list[int]:
+    """Lines of the fenced blocks without a language tag (a Python block could hide there)."""
+    lines = page.read_text(encoding="utf-8").split("\n")
+    return [i + 1 for i, lang, _ in _fences(lines) if not lang]
+
+
+def blocks(page: Path) -> list[Block]:
+    """The fenced Python blocks of ``page`` in order, with their skip reasons."""
+    lines = page.read_text(encoding="utf-8").split("\n")
+    found: list[Block] = []
+    attached: set[int] = set()
+    for i, lang, body in _fences(lines):
         if lang in PYTHON_LANGS:
             reason, used = _marker_above(lines, i, page)
             attached |= used
             found.append(Block(page, i + 1, "\n".join(body) + "\n", reason))
-        i = j + 1
     for k, line in enumerate(lines):
         if _MARKER.search(line) and k not in attached:
             raise MarkerError(
