@@ -431,24 +431,14 @@ class PUB(torch.optim.Optimizer):
         for k, loss in enumerate(losses):
             inputs = list(shared) + by_task[k]
             keep = retain_graph or k < num_tasks - 1
-            grads = torch.autograd.grad(
-                loss.reshape(()), inputs, retain_graph=keep, allow_unused=True
+            # The gradient tuple lives only for the call: it is freed before the next task's
+            # backward pass (else two tasks' gradients are alive then, on top of the K buffers).
+            self._store_task_grads(
+                k,
+                by_task[k],
+                torch.autograd.grad(loss.reshape(()), inputs, retain_graph=keep, allow_unused=True),
+                first,
             )
-            for i, (p, g) in enumerate(zip(shared, grads[: len(shared)], strict=True)):
-                row = self._task_grads[i][k]
-                if g is None:
-                    if first:
-                        row.zero_()
-                    continue
-                if first:
-                    row.copy_(g)
-                else:
-                    row.add_(g)
-                    _accumulate(p, g)
-                self._reached[i] = True
-            for p, g in zip(by_task[k], grads[len(shared) :], strict=True):
-                if g is not None:
-                    _accumulate(p, g)
         if first:
             # .grad of a shared parameter: this backward's sum over tasks, one pass over K x P.
             for p, buf, reached in zip(shared, self._task_grads, self._reached, strict=True):
@@ -460,6 +450,33 @@ class PUB(torch.optim.Optimizer):
                     p.grad.add_(buf.sum(0))
         self._record_grad_marks()
         self._pending = "full"
+
+    def _store_task_grads(
+        self,
+        k: int,
+        nonshared: list[Tensor],
+        grads: Sequence[Tensor | None],
+        first: bool,
+    ) -> None:
+        """Task ``k``'s gradients: shared ones into row ``k`` of the per-task buffers (added to
+        ``.grad`` too when accumulating), the task's own parameters into ``.grad``."""
+        assert self._shared is not None
+        num_shared = len(self._shared)
+        for i, (p, g) in enumerate(zip(self._shared, grads[:num_shared], strict=True)):
+            row = self._task_grads[i][k]
+            if g is None:
+                if first:
+                    row.zero_()
+                continue
+            if first:
+                row.copy_(g)
+            else:
+                row.add_(g)
+                _accumulate(p, g)
+            self._reached[i] = True
+        for p, g in zip(nonshared, grads[num_shared:], strict=True):
+            if g is not None:
+                _accumulate(p, g)
 
     def _record_grad_marks(self) -> None:
         """Remember the shared ``.grad`` tensors, to detect changes made before :meth:`step`."""
