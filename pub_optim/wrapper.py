@@ -111,12 +111,13 @@ class PUB(torch.optim.Optimizer):
             parameters and state untouched (costs one host sync per step on CUDA).
         chunk_size: columns per block of the elementwise work (default 65536 on CPU, whole
             tensors on CUDA).
-        fused: compile the Adam/AdamW apply pass (look-ahead again, weighted sums, state and
-            parameter update) into one loop with ``torch.compile``
-            (:mod:`pub_optim.transforms.fused`). ``None`` (default): on for Adam/AdamW in the
-            update space on CPU once ``K x P`` reaches 2**20 values (the first step then
-            compiles, taking seconds); ``False``: never; ``True``: whenever the optimizer is
-            Adam/AdamW. If compiling fails the step falls back to the eager path with a warning.
+        fused: compile the Adam/AdamW Gram pass (look-ahead reduced straight into the Gram
+            matrix) and apply pass (look-ahead again, weighted sums, state and parameter update)
+            into one loop each with ``torch.compile`` (:mod:`pub_optim.transforms.fused`).
+            ``None`` (default): on for Adam/AdamW in the update space on CPU once ``K x P``
+            reaches 2**20 values (the first step then compiles, taking seconds); ``False``:
+            never; ``True``: whenever the optimizer is Adam/AdamW. If compiling fails the step
+            falls back to the eager path with a warning.
         gradient_sync: called with a :class:`GradientView` at the end of every :meth:`backward`,
             before the step sees the gradients: the place to average them across processes
             (:class:`pub_optim.distributed.GradientAllReduce`). Also settable as an attribute.
@@ -523,12 +524,11 @@ class PUB(torch.optim.Optimizer):
             return
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         contexts = [self._transform.begin(p, group_of[id(p)]) for p in params]
-        # The Gram pass stays eager (cache-sized blocks and a float32 matrix product, accumulated
-        # in float64): measured faster than a compiled reduction, with no K x P temporaries.
         fused = self._fused_enabled(task_grads)
         gram: Tensor | None = None
         if solve:
-            gram = self._gram(contexts, task_grads, num_tasks)
+            gram = self._gram(contexts, task_grads, num_tasks, fused)
+            fused = fused and not self._fused_failed
         if gram is not None:
             self._raise_if_nonfinite(gram)
             weights = self.balancer(gram)
@@ -579,11 +579,19 @@ class PUB(torch.optim.Optimizer):
             ratio = torch.where(nonzero, grad / torch.where(nonzero, total, 1), factor)
             buf.mul_(ratio)
 
-    def _gram(self, contexts: list[ParamContext], task_grads: list[Tensor], k: int) -> Tensor:
+    def _gram(
+        self, contexts: list[ParamContext], task_grads: list[Tensor], k: int, fused: bool = False
+    ) -> Tensor:
+        """``G = [<d_i, d_j>]`` in float64: the compiled kernel for the large tensors when
+        ``fused``, else (and for the small ones) eager cache-sized blocks, each a look-ahead
+        into a ``K x chunk`` scratch and a float32 matrix product added into ``G``."""
         device = task_grads[0].device if task_grads else torch.device("cpu")
         gram = torch.zeros((k, k), dtype=torch.float64, device=device)
+        pending = list(zip(contexts, task_grads, strict=True))
+        if fused:
+            pending = self._gram_fused(pending, gram)
         scratch: Tensor | None = None
-        for ctx, buf in zip(contexts, task_grads, strict=True):
+        for ctx, buf in pending:
             flat = buf.view(k, -1)
             chunk = self._chunk(flat)
             for lo in range(0, flat.shape[1], chunk):
@@ -598,6 +606,37 @@ class PUB(torch.optim.Optimizer):
                     block = out
                 gram.add_(torch.mm(block, block.T))
         return gram
+
+    def _gram_fused(
+        self, pending: list[tuple[ParamContext, Tensor]], gram: Tensor
+    ) -> list[tuple[ParamContext, Tensor]]:
+        """Add the large tensors' Gram matrices (compiled kernel) to ``gram``; returns the
+        tensors left for the eager pass (the small ones, and all the rest if the kernel fails)."""
+        from .transforms import fused as kernels
+
+        transform: Any = self._transform
+        k = gram.shape[0]
+        rest: list[tuple[ParamContext, Tensor]] = []
+        packed: Tensor | None = None
+        for i, (ctx, buf) in enumerate(pending):
+            if buf[0].numel() < FUSED_MIN_TENSOR:  # a compiled call costs ~0.1-0.3 ms of guards
+                rest.append((ctx, buf))
+                continue
+            try:
+                part = kernels.adam_gram(buf.view(k, -1), *transform.fused_operands(ctx))
+            except Exception as exc:  # the eager pass computes the same matrix
+                warnings.warn(
+                    f"PUB(fused=...): the fused Adam Gram kernel failed ({exc!r}); using the "
+                    "eager path",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self._fused_failed = True
+                return rest + pending[i:]
+            packed = part if packed is None else packed + part
+        if packed is not None:
+            gram.add_(kernels.unpack_gram(packed, k))
+        return rest
 
     def _apply(
         self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor

@@ -22,14 +22,15 @@ CONFIGS = {
 def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from pub_optim.transforms import fused as kernels
 
-    calls = []
-    compiled = kernels.adam_apply
+    calls: dict[str, list[object]] = {"adam_apply": [], "adam_gram": []}
+    for kernel in calls:
+        compiled = getattr(kernels, kernel)
 
-    def counting(*args: object) -> None:
-        calls.append(args[0].shape)  # type: ignore[attr-defined]
-        compiled(*args)
+        def counting(*args: object, _name: str = kernel, _fn: object = compiled) -> object:
+            calls[_name].append(args[0].shape)  # type: ignore[attr-defined]
+            return _fn(*args)  # type: ignore[operator]
 
-    monkeypatch.setattr(kernels, "adam_apply", counting)
+        monkeypatch.setattr(kernels, kernel, counting)
     factory = CONFIGS[name]
     # width 160: the 160 x 160 trunk weight is above FUSED_MIN_TENSOR, its biases are below.
     eager_model, fused_model = TwoTower(3, width=160), TwoTower(3, width=160)
@@ -43,9 +44,11 @@ def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None
             opt.step()
         assert not fused._fused_failed
         assert eager.last_stats is not None and fused.last_stats is not None
-        torch.testing.assert_close(fused.last_stats.gram, eager.last_stats.gram, rtol=1e-5, atol=0)
+        # (The Gram matrices differ by ~1e-5 relative: the eager pass's float32 matrix product is
+        # the less accurate of the two; test_fused_gram_against_torch_in_float64 pins the kernel.)
         torch.testing.assert_close(fused.weights, eager.weights, rtol=1e-5, atol=1e-7)
-    assert calls and all(shape == (3, 160 * 160) for shape in calls)  # the kernel really ran
+    for shapes in calls.values():  # both kernels really ran, on the large tensor only
+        assert shapes and all(shape == (3, 160 * 160) for shape in shapes)
     for p, q in zip(eager_model.parameters(), fused_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     for key, state in eager.optimizer.state_dict()["state"].items():
@@ -53,6 +56,53 @@ def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None
         assert state.keys() == other.keys()
         for field, value in state.items():
             torch.testing.assert_close(other[field], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_gram_against_torch_in_float64(name: str) -> None:
+    """The Gram kernel's ``<d_i, d_j>`` against updates that torch's own optimizer takes, in
+    float64, from the same state (an independent reference); the eager float32 pass for scale."""
+    from pub_optim.transforms import AdamTransform
+    from pub_optim.transforms import fused as kernels
+
+    torch.manual_seed(0)
+    k, n = 3, 40_000
+    param = torch.nn.Parameter(torch.randn(n))
+    optimizer = CONFIGS[name]([param])
+    for _ in range(3):  # a state that is not the initial one
+        param.grad = torch.randn(n)
+        optimizer.step()
+    grads = torch.randn(k, n) * torch.linspace(0.1, 3.0, k)[:, None]
+    transform = AdamTransform(optimizer)
+    group = optimizer.param_groups[0]
+    packed = kernels.adam_gram(grads, *transform.fused_operands(transform.begin(param, group)))
+    fused = kernels.unpack_gram(packed, k)
+
+    updates = []
+    for g in grads:
+        twin = torch.nn.Parameter(param.detach().double().clone())
+        twin_opt = CONFIGS[name]([twin])
+        # (a copy of every tensor: the twin's step must not advance the original's ``step``)
+        state = {key: value.double() if value.is_floating_point() and value.dim() else value.clone()
+                 for key, value in optimizer.state[param].items()}  # fmt: skip
+        twin_opt.load_state_dict(
+            {"state": {0: state}, "param_groups": optimizer.state_dict()["param_groups"]}
+        )
+        before = twin.detach().clone()
+        twin.grad = g.double()
+        twin_opt.step()
+        decay = (
+            1.0 - group["lr"] * group["weight_decay"]
+            if isinstance(optimizer, torch.optim.AdamW)
+            else 1.0
+        )
+        updates.append(twin.detach() - decay * before)  # d_k: decoupled decay applies once
+    d = torch.stack(updates)
+    reference = d @ d.T
+    error = ((fused - reference).abs().max() / reference.abs().max()).item()
+    # float32 updates (rounding ~1e-7 relative each), products and sums in float64
+    assert error <= 1e-6, f"fused Gram relative error {error:.1e}"
+    assert torch.equal(fused, fused.T) and fused.dtype == torch.float64
 
 
 def test_auto_mode_stays_eager_for_small_models() -> None:
@@ -64,15 +114,18 @@ def test_auto_mode_stays_eager_for_small_models() -> None:
     assert not opt._fused_enabled(opt._task_grads)
 
 
+@pytest.mark.parametrize("failing", [("adam_gram", "adam_apply"), ("adam_gram",)])
 def test_compile_failure_falls_back_to_the_exact_eager_path(
-    monkeypatch: pytest.MonkeyPatch,
+    failing: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """No compiler: the first kernel to fail switches the step (and later ones) to eager."""
     from pub_optim.transforms import fused as kernels
 
     def broken(*args: object) -> None:
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(kernels, "adam_apply", broken)
+    for name in failing:
+        monkeypatch.setattr(kernels, name, broken)
     reference, model = TwoTower(2, width=160), TwoTower(2, width=160)
     eager = PUB(torch.optim.Adam(reference.parameters(), lr=1e-2), fused=False)
     opt = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), fused=True)
@@ -82,5 +135,6 @@ def test_compile_failure_falls_back_to_the_exact_eager_path(
     opt.backward(model.losses(x, y))
     with pytest.warns(RuntimeWarning, match="using the eager path"):
         opt.step()
+    assert opt._fused_failed
     for p, q in zip(reference.parameters(), model.parameters(), strict=True):
         assert torch.equal(p, q)
