@@ -42,8 +42,6 @@ TaskLosses = Sequence[Tensor] | Mapping[str, Tensor]
 DEFAULT_CPU_CHUNK = 1 << 16
 #: ``fused=None`` compiles the Adam kernels once the per-task values of a step reach this count.
 FUSED_AUTO_MIN_VALUES = 1 << 20
-#: Tensors with fewer values per task than this take the eager apply even on the fused path.
-FUSED_MIN_TENSOR = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -610,33 +608,27 @@ class PUB(torch.optim.Optimizer):
     def _gram_fused(
         self, pending: list[tuple[ParamContext, Tensor]], gram: Tensor
     ) -> list[tuple[ParamContext, Tensor]]:
-        """Add the large tensors' Gram matrices (compiled kernel) to ``gram``; returns the
-        tensors left for the eager pass (the small ones, and all the rest if the kernel fails)."""
+        """Add the Gram matrix of every parameter's updates (compiled kernel, a few calls for
+        all of them) to ``gram``; returns what is left for the eager pass: nothing, or everything
+        if the kernel fails."""
         from .transforms import fused as kernels
 
         transform: Any = self._transform
         k = gram.shape[0]
-        rest: list[tuple[ParamContext, Tensor]] = []
-        packed: Tensor | None = None
-        for i, (ctx, buf) in enumerate(pending):
-            if buf[0].numel() < FUSED_MIN_TENSOR:  # a compiled call costs ~0.1-0.3 ms of guards
-                rest.append((ctx, buf))
-                continue
-            try:
-                part = kernels.adam_gram(buf.view(k, -1), *transform.fused_operands(ctx))
-            except Exception as exc:  # the eager pass computes the same matrix
-                warnings.warn(
-                    f"PUB(fused=...): the fused Adam Gram kernel failed ({exc!r}); using the "
-                    "eager path",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self._fused_failed = True
-                return rest + pending[i:]
-            packed = part if packed is None else packed + part
-        if packed is not None:
-            gram.add_(kernels.unpack_gram(packed, k))
-        return rest
+        items = [(buf.view(k, -1), *transform.fused_operands(ctx)) for ctx, buf in pending]
+        try:
+            packed = kernels.adam_gram(items)
+        except Exception as exc:  # the eager pass computes the same matrix
+            warnings.warn(
+                f"PUB(fused=...): the fused Adam Gram kernel failed ({exc!r}); using the eager "
+                "path",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._fused_failed = True
+            return pending
+        gram.add_(kernels.unpack_gram(packed, k))
+        return []
 
     def _apply(
         self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor
@@ -687,27 +679,24 @@ class PUB(torch.optim.Optimizer):
         from .transforms import fused as kernels
 
         transform: Any = self._transform
-        small = [i for i, buf in enumerate(task_grads) if buf[0].numel() < FUSED_MIN_TENSOR]
-        if small:  # a compiled call costs ~0.3 ms of guards: not worth it for biases
-            self._apply([contexts[i] for i in small], [task_grads[i] for i in small], weights)
-        for i, (ctx, buf) in enumerate(zip(contexts, task_grads, strict=True)):
-            if i in small:
-                continue
-            k = buf.shape[0]
-            flat = buf.view(k, -1)
-            alpha = weights.to(device=flat.device, dtype=flat.dtype)
-            operands = transform.fused_operands(ctx)
+        dtypes = {buf.dtype for buf in task_grads}
+        alpha = weights.to(
+            device=task_grads[0].device,
+            dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
+        )
+        items = [
+            (
+                buf.view(buf.shape[0], -1),
+                *transform.fused_operands(ctx),
+                1.0 - ctx.scalars["beta1"],
+                transform.fused_decay(ctx),
+            )
+            for ctx, buf in zip(contexts, task_grads, strict=True)
+        ]
+        for part in kernels.buckets(len(items)):
             try:
-                kernels.adam_apply(
-                    flat,
-                    *operands[:4],
-                    alpha,
-                    *operands[4:],
-                    1.0 - ctx.scalars["beta1"],
-                    transform.fused_decay(ctx),
-                )
-            except Exception as exc:  # parameters are independent: the rest goes the eager way
-                rest = [j for j in range(i, len(contexts)) if j not in small]
+                kernels.adam_apply([items[i] for i in part], alpha)
+            except Exception as exc:  # a call that fails changed nothing: eager from here on
                 warnings.warn(
                     f"PUB(fused=...): the fused Adam apply kernel failed ({exc!r}); using the "
                     "eager path",
@@ -715,9 +704,11 @@ class PUB(torch.optim.Optimizer):
                     stacklevel=3,
                 )
                 self._fused_failed = True
+                rest = range(part.start, len(contexts))
                 self._apply([contexts[j] for j in rest], [task_grads[j] for j in rest], weights)
                 return
-            transform.finish(ctx)
+            for i in part:
+                transform.finish(contexts[i])
 
     def _generic_step(
         self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool
