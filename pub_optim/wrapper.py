@@ -535,10 +535,12 @@ class PUB(torch.optim.Optimizer):
             weights = self._weights
         self._check_finite_grads(nonshared)
         if fused:
-            self._apply_fused(contexts, task_grads, weights)
+            own = [(p, group_of[id(p)]) for p in nonshared]
+            stepped = self._apply_fused(contexts, task_grads, weights, own)
+            self._step_nonshared([p for p in nonshared if id(p) not in stepped])
         else:
             self._apply(contexts, task_grads, weights)
-        self._step_nonshared(nonshared)
+            self._step_nonshared(nonshared)
         self._weights = weights
         self._finish_step(solved=solve, gram=gram)
 
@@ -674,8 +676,15 @@ class PUB(torch.optim.Optimizer):
         return True
 
     def _apply_fused(
-        self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor
-    ) -> None:
+        self,
+        contexts: list[ParamContext],
+        task_grads: list[Tensor],
+        weights: Tensor,
+        own: list[tuple[Tensor, dict[str, Any]]],
+    ) -> set[int]:
+        """The compiled apply for the shared parameters and, in the same calls, the ordinary Adam
+        step (K = 1, weight 1) of the task-specific ones in ``own``; returns the ids of those it
+        stepped (the rest take the wrapped optimizer's own step)."""
         from .transforms import fused as kernels
 
         transform: Any = self._transform
@@ -684,18 +693,32 @@ class PUB(torch.optim.Optimizer):
             device=task_grads[0].device,
             dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
         )
-        items = [
-            (
-                buf.view(buf.shape[0], -1),
-                *transform.fused_operands(ctx),
+
+        def item(ctx: ParamContext, grads: Tensor, weights: Tensor) -> tuple[Any, ...]:
+            operands = transform.fused_operands(ctx)
+            return (
+                grads.view(grads.shape[0], -1),
+                *operands[:4],
+                weights,
+                *operands[4:],
                 1.0 - ctx.scalars["beta1"],
                 transform.fused_decay(ctx),
             )
-            for ctx, buf in zip(contexts, task_grads, strict=True)
-        ]
+
+        everything = list(contexts)
+        items = [item(ctx, buf, alpha) for ctx, buf in zip(contexts, task_grads, strict=True)]
+        for p, group in own:
+            grad = p.grad
+            if grad is None or grad.layout != torch.strided or not grad.is_contiguous():
+                continue
+            ctx = transform.begin(p, group)
+            everything.append(ctx)
+            items.append(item(ctx, grad.unsqueeze(0), grad.new_ones(1)))
+        num_shared = len(contexts)
+        stepped: set[int] = set()
         for part in kernels.buckets(len(items)):
             try:
-                kernels.adam_apply([items[i] for i in part], alpha)
+                kernels.adam_apply([items[i] for i in part])
             except Exception as exc:  # a call that fails changed nothing: eager from here on
                 warnings.warn(
                     f"PUB(fused=...): the fused Adam apply kernel failed ({exc!r}); using the "
@@ -704,11 +727,14 @@ class PUB(torch.optim.Optimizer):
                     stacklevel=3,
                 )
                 self._fused_failed = True
-                rest = range(part.start, len(contexts))
+                rest = range(part.start, num_shared)
                 self._apply([contexts[j] for j in rest], [task_grads[j] for j in rest], weights)
-                return
+                return stepped
             for i in part:
-                transform.finish(contexts[i])
+                transform.finish(everything[i])
+                if i >= num_shared:
+                    stepped.add(id(everything[i].param))
+        return stepped
 
     def _generic_step(
         self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool
@@ -747,17 +773,18 @@ class PUB(torch.optim.Optimizer):
         return [p for p in self._all_params() if id(p) not in shared_ids and p.grad is not None]
 
     def _step_nonshared(self, nonshared: list[Tensor]) -> None:
-        """The wrapped optimizer's ordinary step on the parameters that are not balanced."""
+        """The wrapped optimizer's ordinary step on ``nonshared`` (parameters that are not
+        balanced): every other parameter's ``.grad`` is hidden from it meanwhile."""
         if not nonshared:
             return
-        assert self._shared is not None
-        hidden = [p.grad for p in self._shared]
+        keep = {id(p) for p in nonshared}
+        hidden = [(p, p.grad) for p in self._all_params() if id(p) not in keep]
         try:
-            for p in self._shared:
+            for p, _ in hidden:
                 p.grad = None
             self.optimizer.step()
         finally:
-            for p, g in zip(self._shared, hidden, strict=True):
+            for p, g in hidden:
                 p.grad = g
 
     def _raise_if_nonfinite(self, gram: Tensor) -> None:

@@ -147,9 +147,9 @@ def _gram_many(items: list[tuple[Any, ...]]) -> Tensor:
     return total
 
 
-def _apply_many(items: list[tuple[Any, ...]], alpha: Tensor) -> None:
-    for g, m, v, vmax, theta, *scalars in items:
-        _apply_kernel(g, m, v, vmax, theta, alpha, *scalars)
+def _apply_many(items: list[tuple[Any, ...]]) -> None:
+    for item in items:
+        _apply_kernel(*item)
 
 
 def _compiled(
@@ -182,13 +182,15 @@ def adam_gram(items: Sequence[tuple[Any, ...]]) -> Tensor:
     return total
 
 
-def adam_apply(items: Sequence[tuple[Any, ...]], alpha: Tensor) -> None:
+def adam_apply(items: Sequence[tuple[Any, ...]]) -> None:
     """Weighted update and state advance of the parameters, in place. One item per parameter:
-    :func:`adam_gram`'s item followed by ``1 - beta1`` and the decoupled decay factor. Calls are
-    per :func:`buckets`; a call that fails (to compile) leaves its parameters untouched."""
+    ``(g [K, n], exp_avg, exp_avg_sq, max_exp_avg_sq or None, param, alpha [K], *scalars,
+    1 - beta1, decay)`` with the scalars of :func:`adam_gram`'s item (K = 1 and ``alpha = [1]``
+    is the plain Adam step). Calls are per :func:`buckets`; a call that fails (to compile)
+    leaves its parameters untouched."""
     kernel = _compiled("apply", _apply_many, _RECOMPUTE_OPTIONS)
     for part in buckets(len(items)):
-        kernel([items[i] for i in part], alpha)
+        kernel([items[i] for i in part])
 
 
 def unpack_gram(packed: Tensor, k: int) -> Tensor:
