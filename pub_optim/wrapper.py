@@ -42,6 +42,8 @@ TaskLosses = Sequence[Tensor] | Mapping[str, Tensor]
 DEFAULT_CPU_CHUNK = 1 << 16
 #: ``fused=None`` compiles the Adam kernels once the per-task values of a step reach this count.
 FUSED_AUTO_MIN_VALUES = 1 << 20
+#: Tensors with fewer values per task than this take the eager apply even on the fused path.
+FUSED_MIN_TENSOR = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -535,12 +537,10 @@ class PUB(torch.optim.Optimizer):
             weights = self._weights
         self._check_finite_grads(nonshared)
         if fused:
-            own = [(p, group_of[id(p)]) for p in nonshared]
-            stepped = self._apply_fused(contexts, task_grads, weights, own)
-            self._step_nonshared([p for p in nonshared if id(p) not in stepped])
+            self._apply_fused(contexts, task_grads, weights)
         else:
             self._apply(contexts, task_grads, weights)
-            self._step_nonshared(nonshared)
+        self._step_nonshared(nonshared)
         self._weights = weights
         self._finish_step(solved=solve, gram=gram)
 
@@ -610,27 +610,33 @@ class PUB(torch.optim.Optimizer):
     def _gram_fused(
         self, pending: list[tuple[ParamContext, Tensor]], gram: Tensor
     ) -> list[tuple[ParamContext, Tensor]]:
-        """Add the Gram matrix of every parameter's updates (compiled kernel, a few calls for
-        all of them) to ``gram``; returns what is left for the eager pass: nothing, or everything
-        if the kernel fails."""
+        """Add the large tensors' Gram matrices (compiled kernel) to ``gram``; returns the
+        tensors left for the eager pass (the small ones, and all the rest if the kernel fails)."""
         from .transforms import fused as kernels
 
         transform: Any = self._transform
         k = gram.shape[0]
-        items = [(buf.view(k, -1), *transform.fused_operands(ctx)) for ctx, buf in pending]
-        try:
-            packed = kernels.adam_gram(items)
-        except Exception as exc:  # the eager pass computes the same matrix
-            warnings.warn(
-                f"PUB(fused=...): the fused Adam Gram kernel failed ({exc!r}); using the eager "
-                "path",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            self._fused_failed = True
-            return pending
-        gram.add_(kernels.unpack_gram(packed, k))
-        return []
+        rest: list[tuple[ParamContext, Tensor]] = []
+        packed: Tensor | None = None
+        for i, (ctx, buf) in enumerate(pending):
+            if buf[0].numel() < FUSED_MIN_TENSOR:  # a compiled call costs ~0.1-0.3 ms of guards
+                rest.append((ctx, buf))
+                continue
+            try:
+                part = kernels.adam_gram(buf.view(k, -1), *transform.fused_operands(ctx))
+            except Exception as exc:  # the eager pass computes the same matrix
+                warnings.warn(
+                    f"PUB(fused=...): the fused Adam Gram kernel failed ({exc!r}); using the "
+                    "eager path",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self._fused_failed = True
+                return rest + pending[i:]
+            packed = part if packed is None else packed + part
+        if packed is not None:
+            gram.add_(kernels.unpack_gram(packed, k))
+        return rest
 
     def _apply(
         self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor
@@ -676,50 +682,32 @@ class PUB(torch.optim.Optimizer):
         return True
 
     def _apply_fused(
-        self,
-        contexts: list[ParamContext],
-        task_grads: list[Tensor],
-        weights: Tensor,
-        own: list[tuple[Tensor, dict[str, Any]]],
-    ) -> set[int]:
-        """The compiled apply for the shared parameters and, in the same calls, the ordinary Adam
-        step (K = 1, weight 1) of the task-specific ones in ``own``; returns the ids of those it
-        stepped (the rest take the wrapped optimizer's own step)."""
+        self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor
+    ) -> None:
         from .transforms import fused as kernels
 
         transform: Any = self._transform
-        dtypes = {buf.dtype for buf in task_grads}
-        alpha = weights.to(
-            device=task_grads[0].device,
-            dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
-        )
-
-        def item(ctx: ParamContext, grads: Tensor, weights: Tensor) -> tuple[Any, ...]:
-            operands = transform.fused_operands(ctx)
-            return (
-                grads.view(grads.shape[0], -1),
-                *operands[:4],
-                weights,
-                *operands[4:],
-                1.0 - ctx.scalars["beta1"],
-                transform.fused_decay(ctx),
-            )
-
-        everything = list(contexts)
-        items = [item(ctx, buf, alpha) for ctx, buf in zip(contexts, task_grads, strict=True)]
-        for p, group in own:
-            grad = p.grad
-            if grad is None or grad.layout != torch.strided or not grad.is_contiguous():
+        small = [i for i, buf in enumerate(task_grads) if buf[0].numel() < FUSED_MIN_TENSOR]
+        if small:  # a compiled call costs ~0.3 ms of guards: not worth it for biases
+            self._apply([contexts[i] for i in small], [task_grads[i] for i in small], weights)
+        for i, (ctx, buf) in enumerate(zip(contexts, task_grads, strict=True)):
+            if i in small:
                 continue
-            ctx = transform.begin(p, group)
-            everything.append(ctx)
-            items.append(item(ctx, grad.unsqueeze(0), grad.new_ones(1)))
-        num_shared = len(contexts)
-        stepped: set[int] = set()
-        for part in kernels.buckets(len(items)):
+            k = buf.shape[0]
+            flat = buf.view(k, -1)
+            alpha = weights.to(device=flat.device, dtype=flat.dtype)
+            operands = transform.fused_operands(ctx)
             try:
-                kernels.adam_apply([items[i] for i in part])
-            except Exception as exc:  # a call that fails changed nothing: eager from here on
+                kernels.adam_apply(
+                    flat,
+                    *operands[:4],
+                    alpha,
+                    *operands[4:],
+                    1.0 - ctx.scalars["beta1"],
+                    transform.fused_decay(ctx),
+                )
+            except Exception as exc:  # parameters are independent: the rest goes the eager way
+                rest = [j for j in range(i, len(contexts)) if j not in small]
                 warnings.warn(
                     f"PUB(fused=...): the fused Adam apply kernel failed ({exc!r}); using the "
                     "eager path",
@@ -727,14 +715,9 @@ class PUB(torch.optim.Optimizer):
                     stacklevel=3,
                 )
                 self._fused_failed = True
-                rest = range(part.start, num_shared)
                 self._apply([contexts[j] for j in rest], [task_grads[j] for j in rest], weights)
-                return stepped
-            for i in part:
-                transform.finish(everything[i])
-                if i >= num_shared:
-                    stepped.add(id(everything[i].param))
-        return stepped
+                return
+            transform.finish(ctx)
 
     def _generic_step(
         self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool
@@ -773,18 +756,17 @@ class PUB(torch.optim.Optimizer):
         return [p for p in self._all_params() if id(p) not in shared_ids and p.grad is not None]
 
     def _step_nonshared(self, nonshared: list[Tensor]) -> None:
-        """The wrapped optimizer's ordinary step on ``nonshared`` (parameters that are not
-        balanced): every other parameter's ``.grad`` is hidden from it meanwhile."""
+        """The wrapped optimizer's ordinary step on the parameters that are not balanced."""
         if not nonshared:
             return
-        keep = {id(p) for p in nonshared}
-        hidden = [(p, p.grad) for p in self._all_params() if id(p) not in keep]
+        assert self._shared is not None
+        hidden = [p.grad for p in self._shared]
         try:
-            for p, _ in hidden:
+            for p in self._shared:
                 p.grad = None
             self.optimizer.step()
         finally:
-            for p, g in hidden:
+            for p, g in zip(self._shared, hidden, strict=True):
                 p.grad = g
 
     def _raise_if_nonfinite(self, gram: Tensor) -> None:
