@@ -314,7 +314,7 @@ def write_report(
         f"{env.get('python', '?')}, torch {env.get('torch', '?')}, pytorch-lightning "
         f"{env.get('pytorch_lightning', '?')}, numpy {numpy.__version__}, scipy "
         f"{scipy.__version__}",
-        f"- Cache: `{folder}` (one JSON per run; git-ignored)",
+        f"- Records: `{_shown(folder)}` (one JSON per run; the full profile's are committed)",
         "",
         "Statistics: per-task test AUC mean ± standard deviation over seeds. Delta-m (Maninis et "
         "al. 2019) against equal weighting in percent, `100/T sum_t (M_t - B_t) / B_t` on the "
@@ -514,3 +514,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _shown(folder: Path) -> str:
+    """``folder`` relative to the repository where it lies inside it."""
+    try:
+        return str(folder.resolve().relative_to(Path(__file__).resolve().parents[2]))
+    except ValueError:
+        return str(folder)
