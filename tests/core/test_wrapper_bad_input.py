@@ -137,7 +137,7 @@ def test_step_without_backward_and_with_closure() -> None:
 def test_constructor_validation() -> None:
     model = TwoTower()
     opt = torch.optim.Adam(model.parameters())
-    with pytest.raises(TypeError, match="wraps a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"wraps a torch\.optim\.Optimizer"):
         PUB(model)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="already wrapped"):
         PUB(PUB(opt))
