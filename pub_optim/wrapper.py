@@ -31,7 +31,9 @@ from .partition import task_owners
 from .stats import BalanceStats
 from .strategies import StrategyLike, UpdateBalancer, get_strategy
 from .transforms import UpdateTransform, exact_transform_for
+from .transforms import fused as kernels
 from .transforms.base import ParamContext
+from .transforms.fused import FusedItem
 from .transforms.generic import GenericLookahead
 
 Space = Literal["update", "gradient"]
@@ -42,7 +44,8 @@ TaskLosses = Sequence[Tensor] | Mapping[str, Tensor]
 DEFAULT_CPU_CHUNK = 1 << 16
 #: ``fused=None`` compiles the Adam kernels once the per-task values of a step reach this count.
 FUSED_AUTO_MIN_VALUES = 1 << 20
-#: Tensors with fewer values per task than this take the eager apply even on the fused path.
+#: On the fused path, tensors with fewer values per task than this are concatenated (one kernel
+#: call per set of equal hyper-parameters instead of one per bias).
 FUSED_MIN_TENSOR = 1 << 14
 
 
@@ -524,11 +527,10 @@ class PUB(torch.optim.Optimizer):
             return
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         contexts = [self._transform.begin(p, group_of[id(p)]) for p in params]
-        fused = self._fused_enabled(task_grads)
+        items = self._fused_items(contexts, task_grads)
         gram: Tensor | None = None
         if solve:
-            gram = self._gram(contexts, task_grads, num_tasks, fused)
-            fused = fused and not self._fused_failed
+            gram = self._gram(contexts, task_grads, num_tasks, items)
         if gram is not None:
             self._raise_if_nonfinite(gram)
             weights = self.balancer(gram)
@@ -536,8 +538,8 @@ class PUB(torch.optim.Optimizer):
             assert self._weights is not None
             weights = self._weights
         self._check_finite_grads(nonshared)
-        if fused:
-            self._apply_fused(contexts, task_grads, weights)
+        if items is not None and not self._fused_failed:
+            self._apply_fused(contexts, task_grads, weights, items)
         else:
             self._apply(contexts, task_grads, weights)
         self._step_nonshared(nonshared)
@@ -580,18 +582,21 @@ class PUB(torch.optim.Optimizer):
             buf.mul_(ratio)
 
     def _gram(
-        self, contexts: list[ParamContext], task_grads: list[Tensor], k: int, fused: bool = False
+        self,
+        contexts: list[ParamContext],
+        task_grads: list[Tensor],
+        k: int,
+        items: list[FusedItem] | None = None,
     ) -> Tensor:
-        """``G = [<d_i, d_j>]`` in float64: the compiled kernel for the large tensors when
-        ``fused``, else (and for the small ones) eager cache-sized blocks, each a look-ahead
-        into a ``K x chunk`` scratch and a float32 matrix product added into ``G``."""
+        """``G = [<d_i, d_j>]`` in float64: the compiled kernel over ``items`` when given (and
+        working), else eager cache-sized blocks, each a look-ahead into a ``K x chunk`` scratch
+        and a float32 matrix product added into ``G``."""
         device = task_grads[0].device if task_grads else torch.device("cpu")
         gram = torch.zeros((k, k), dtype=torch.float64, device=device)
-        pending = list(zip(contexts, task_grads, strict=True))
-        if fused:
-            pending = self._gram_fused(pending, gram)
+        if items is not None and self._gram_fused(items, gram):
+            return gram
         scratch: Tensor | None = None
-        for ctx, buf in pending:
+        for ctx, buf in zip(contexts, task_grads, strict=True):
             flat = buf.view(k, -1)
             chunk = self._chunk(flat)
             for lo in range(0, flat.shape[1], chunk):
@@ -607,24 +612,28 @@ class PUB(torch.optim.Optimizer):
                 gram.add_(torch.mm(block, block.T))
         return gram
 
-    def _gram_fused(
-        self, pending: list[tuple[ParamContext, Tensor]], gram: Tensor
-    ) -> list[tuple[ParamContext, Tensor]]:
-        """Add the large tensors' Gram matrices (compiled kernel) to ``gram``; returns the
-        tensors left for the eager pass (the small ones, and all the rest if the kernel fails)."""
-        from .transforms import fused as kernels
-
+    def _fused_items(
+        self, contexts: list[ParamContext], task_grads: list[Tensor]
+    ) -> list[FusedItem] | None:
+        """The compiled kernels' calls of this step (``None``: the eager path)."""
+        if not self._fused_enabled(task_grads):
+            return None
         transform: Any = self._transform
+        return kernels.batch(
+            [buf.view(buf.shape[0], -1) for buf in task_grads],
+            [transform.fused_operands(ctx) for ctx in contexts],
+            FUSED_MIN_TENSOR,
+        )
+
+    def _gram_fused(self, items: list[FusedItem], gram: Tensor) -> bool:
+        """Add the compiled kernel's Gram matrix to ``gram``; ``False`` (``gram`` untouched) if
+        the kernel fails, and the eager pass computes the same matrix."""
         k = gram.shape[0]
-        rest: list[tuple[ParamContext, Tensor]] = []
         packed: Tensor | None = None
-        for i, (ctx, buf) in enumerate(pending):
-            if buf[0].numel() < FUSED_MIN_TENSOR:  # a compiled call costs ~0.1-0.3 ms of guards
-                rest.append((ctx, buf))
-                continue
+        for item in items:
             try:
-                part = kernels.adam_gram(buf.view(k, -1), *transform.fused_operands(ctx))
-            except Exception as exc:  # the eager pass computes the same matrix
+                part = kernels.adam_gram(item.grads, item.operands)
+            except Exception as exc:
                 warnings.warn(
                     f"PUB(fused=...): the fused Adam Gram kernel failed ({exc!r}); using the "
                     "eager path",
@@ -632,11 +641,11 @@ class PUB(torch.optim.Optimizer):
                     stacklevel=4,
                 )
                 self._fused_failed = True
-                return rest + pending[i:]
+                return False
             packed = part if packed is None else packed + part
         if packed is not None:
             gram.add_(kernels.unpack_gram(packed, k))
-        return rest
+        return True
 
     def _apply(
         self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor
@@ -682,32 +691,19 @@ class PUB(torch.optim.Optimizer):
         return True
 
     def _apply_fused(
-        self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor
+        self,
+        contexts: list[ParamContext],
+        task_grads: list[Tensor],
+        weights: Tensor,
+        items: list[FusedItem],
     ) -> None:
-        from .transforms import fused as kernels
-
-        transform: Any = self._transform
-        small = [i for i, buf in enumerate(task_grads) if buf[0].numel() < FUSED_MIN_TENSOR]
-        if small:  # a compiled call costs ~0.3 ms of guards: not worth it for biases
-            self._apply([contexts[i] for i in small], [task_grads[i] for i in small], weights)
-        for i, (ctx, buf) in enumerate(zip(contexts, task_grads, strict=True)):
-            if i in small:
-                continue
-            k = buf.shape[0]
-            flat = buf.view(k, -1)
-            alpha = weights.to(device=flat.device, dtype=flat.dtype)
-            operands = transform.fused_operands(ctx)
+        assert self._transform is not None
+        for n, item in enumerate(items):
+            alpha = weights.to(device=item.grads.device, dtype=item.grads.dtype)
             try:
-                kernels.adam_apply(
-                    flat,
-                    *operands[:4],
-                    alpha,
-                    *operands[4:],
-                    1.0 - ctx.scalars["beta1"],
-                    transform.fused_decay(ctx),
-                )
+                kernels.adam_apply(item.grads, alpha, item.operands)
             except Exception as exc:  # parameters are independent: the rest goes the eager way
-                rest = [j for j in range(i, len(contexts)) if j not in small]
+                rest = sorted(i for later in items[n:] for i in later.indices)
                 warnings.warn(
                     f"PUB(fused=...): the fused Adam apply kernel failed ({exc!r}); using the "
                     "eager path",
@@ -717,7 +713,9 @@ class PUB(torch.optim.Optimizer):
                 self._fused_failed = True
                 self._apply([contexts[j] for j in rest], [task_grads[j] for j in rest], weights)
                 return
-            transform.finish(ctx)
+            item.write_back()
+            for i in item.indices:
+                self._transform.finish(contexts[i])
 
     def _generic_step(
         self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool

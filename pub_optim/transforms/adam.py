@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .base import ParamContext, UpdateTransform, flat, scalar, signed
+from .fused import AdamOperands
 
 
 class AdamTransform(UpdateTransform):
@@ -103,26 +104,24 @@ class AdamTransform(UpdateTransform):
         super().finish(ctx)
         ctx.state["step"] += 1
 
-    def fused_operands(self, ctx: ParamContext) -> tuple[Any, ...]:
+    def fused_operands(self, ctx: ParamContext) -> AdamOperands:
         """State views and folded constants for :mod:`pub_optim.transforms.fused`."""
         s = ctx.scalars
         b1, b2, c = s["beta1"], s["beta2"], s["bc2_sqrt"]
         scale = -s["step_size"] * c
         decoupled = bool(s["decoupled"])
-        return (
-            ctx.flat["m"],
-            ctx.flat["v"],
-            ctx.flat.get("vmax"),
-            ctx.flat["param"],
-            b1 * scale,
-            (1.0 - b1) * scale,
-            b2,
-            1.0 - b2,
-            s["eps"] * c,
-            0.0 if decoupled else s["wd"],
-            bool(ctx.group.get("maximize", False)),
+        return AdamOperands(
+            m=ctx.flat["m"],
+            v=ctx.flat["v"],
+            vmax=ctx.flat.get("vmax"),
+            theta=ctx.flat["param"],
+            coef_m=b1 * scale,
+            coef_g=(1.0 - b1) * scale,
+            beta2=b2,
+            one_minus_beta2=1.0 - b2,
+            eps_c=s["eps"] * c,
+            l2=0.0 if decoupled else s["wd"],
+            maximize=bool(ctx.group.get("maximize", False)),
+            one_minus_beta1=1.0 - b1,
+            decay=1.0 - s["lr"] * s["wd"] if decoupled and s["wd"] != 0.0 else 1.0,
         )
-
-    def fused_decay(self, ctx: ParamContext) -> float:
-        s = ctx.scalars
-        return 1.0 - s["lr"] * s["wd"] if s["decoupled"] and s["wd"] != 0.0 else 1.0

@@ -47,8 +47,10 @@ def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None
         # (The Gram matrices differ by ~1e-5 relative: the eager pass's float32 matrix product is
         # the less accurate of the two; test_fused_gram_against_torch_in_float64 pins the kernel.)
         torch.testing.assert_close(fused.weights, eager.weights, rtol=1e-5, atol=1e-7)
-    for shapes in calls.values():  # both kernels really ran, on the large tensor only
-        assert shapes and all(shape == (3, 160 * 160) for shape in shapes)
+    # Both kernels ran every step: on the large trunk weight, and once on the three small shared
+    # tensors concatenated (160 x 5 weight and two biases of 160).
+    for shapes in calls.values():
+        assert sorted(shapes) == sorted([(3, 160 * 160), (3, 160 * 5 + 2 * 160)] * 6)
     for p, q in zip(eager_model.parameters(), fused_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     for key, state in eager.optimizer.state_dict()["state"].items():
@@ -75,7 +77,7 @@ def test_fused_gram_against_torch_in_float64(name: str) -> None:
     grads = torch.randn(k, n) * torch.linspace(0.1, 3.0, k)[:, None]
     transform = AdamTransform(optimizer)
     group = optimizer.param_groups[0]
-    packed = kernels.adam_gram(grads, *transform.fused_operands(transform.begin(param, group)))
+    packed = kernels.adam_gram(grads, transform.fused_operands(transform.begin(param, group)))
     fused = kernels.unpack_gram(packed, k)
 
     updates = []
@@ -103,6 +105,39 @@ def test_fused_gram_against_torch_in_float64(name: str) -> None:
     # float32 updates (rounding ~1e-7 relative each), products and sums in float64
     assert error <= 1e-6, f"fused Gram relative error {error:.1e}"
     assert torch.equal(fused, fused.T) and fused.dtype == torch.float64
+
+
+def test_each_specialisation_compiles_once_in_its_own_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Several K and flag sets in one process do not exhaust dynamo's recompile limit (past it
+    dynamo would silently run the kernel eagerly): with the limit at 1 and failing loudly, every
+    specialisation still compiles, and each result matches a float64 eager reference."""
+    from pub_optim.transforms import AdamTransform
+    from pub_optim.transforms import fused as kernels
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch.manual_seed(1)
+    n = 2_000
+    for k, amsgrad in ((2, False), (3, False), (2, True)):
+        param = torch.nn.Parameter(torch.randn(n))
+        optimizer = torch.optim.Adam([param], lr=1e-2, amsgrad=amsgrad)
+        param.grad = torch.randn(n)
+        optimizer.step()
+        transform = AdamTransform(optimizer)
+        ctx = transform.begin(param, optimizer.param_groups[0])
+        grads = torch.randn(k, n)
+        for _ in range(2):  # the second call reuses the compiled kernel
+            gram = kernels.unpack_gram(
+                kernels.adam_gram(grads, transform.fused_operands(ctx)), k
+            )
+        d = torch.empty(k, n, dtype=torch.float64)
+        double = AdamTransform(optimizer)
+        ctx64 = double.begin(param, optimizer.param_groups[0])
+        ctx64.flat = {name: t.double() for name, t in ctx64.flat.items()}
+        double.lookahead(ctx64, 0, n, grads.double(), d)
+        torch.testing.assert_close(gram, d @ d.T, rtol=1e-6, atol=0.0)
 
 
 def test_auto_mode_stays_eager_for_small_models() -> None:
