@@ -206,7 +206,7 @@ class PUB(torch.optim.Optimizer):
         self._by_task: list[list[Tensor]] | None = None
         self._task_grads: list[Tensor] = []
         self._reached: list[bool] = []
-        self._grad_marks: list[tuple[int, int] | None] = []
+        self._grad_marks: list[tuple[int, int, float] | None] = []
         self._pending: Literal["full", "weighted"] | None = None
 
     # ------------------------------------------------------------------ torch.optim.Optimizer API
@@ -483,9 +483,15 @@ class PUB(torch.optim.Optimizer):
                 _accumulate(p, g)
 
     def _record_grad_marks(self) -> None:
-        """Remember the shared ``.grad`` tensors, to detect changes made before :meth:`step`."""
+        """Remember the shared ``.grad`` tensors, to detect changes made before :meth:`step`:
+        their identity, version counter and norm. The norm is needed because some in-place
+        kernels do not bump the version counter: ``GradScaler.unscale_``'s
+        ``_amp_foreach_non_finite_check_and_unscale_`` is one (torch 2.13)."""
+        shared = self._shared or []
+        with_grad = [p.grad for p in shared if p.grad is not None]
+        norms = iter(torch.stack(torch._foreach_norm(with_grad)).tolist() if with_grad else [])
         self._grad_marks = [
-            None if p.grad is None else (id(p.grad), p.grad._version) for p in self._shared or []
+            None if p.grad is None else (id(p.grad), p.grad._version, next(norms)) for p in shared
         ]
 
     # ----------------------------------------------------------------------------------- step
@@ -562,11 +568,11 @@ class PUB(torch.optim.Optimizer):
         """
         assert self._shared is not None
         changed: list[tuple[Tensor, Tensor, Tensor]] = []
-        for i in active:
+        for i, now in zip(active, self._grad_norms_now(active), strict=True):
             p = self._shared[i]
             mark = self._grad_marks[i]
             assert p.grad is not None
-            if mark is not None and mark == (id(p.grad), p.grad._version):
+            if mark is not None and mark[:2] == (id(p.grad), p.grad._version) and now == mark[2]:
                 continue
             buf = self._task_grads[i]
             changed.append((buf, buf.sum(0), p.grad))
@@ -580,6 +586,14 @@ class PUB(torch.optim.Optimizer):
             factor = uniform.to(total.dtype)
             ratio = torch.where(nonzero, grad / torch.where(nonzero, total, 1), factor)
             buf.mul_(ratio)
+
+    def _grad_norms_now(self, active: list[int]) -> list[float]:
+        """The norms of the shared ``.grad`` tensors now, to compare with the recorded ones."""
+        assert self._shared is not None
+        grads = [self._shared[i].grad for i in active]
+        if not grads:
+            return []
+        return torch.stack(torch._foreach_norm(grads)).tolist()  # type: ignore[arg-type]
 
     def _gram(
         self,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mtl_fixtures import TwoTower, batch, torch_step
+from mtl_fixtures import OptimizerFactory, TwoTower, batch, torch_step
 
 from pub_optim import PUB, BalanceStats
 
@@ -266,3 +266,38 @@ def test_uniform_grad_change_reaches_per_task_gradients_that_cancel() -> None:
     g1, g2 = x, x * mask - x * (1 - mask)
     expected = before - (0.75 * g1 + 0.25 * g2)
     torch.testing.assert_close(shared.detach(), expected)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+    ],
+    ids=["sgd-momentum", "adam"],
+)
+def test_grad_scaler_unscale_reaches_the_per_task_gradients(factory: OptimizerFactory) -> None:
+    """torch's GradScaler unscales ``.grad`` with a kernel that does not bump the version counter
+    (``_amp_foreach_non_finite_check_and_unscale_``); the per-task gradients must be unscaled
+    all the same. Power-of-two scales (growing every 2 steps here) are exact, so training with
+    the scaler is bit-identical to training without it, parameters and optimizer state."""
+    plain_model, scaled_model = TwoTower(2), TwoTower(2)
+    plain = PUB(factory(list(plain_model.parameters())), "pareto")
+    scaled = PUB(factory(list(scaled_model.parameters())), "pareto")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    for step in range(6):
+        x, y = batch(step)
+        plain.zero_grad()
+        plain.backward(plain_model.losses(x, y))
+        plain.step()
+        scaled.zero_grad()
+        scaled.backward([scaler.scale(loss) for loss in scaled_model.losses(x, y)])
+        scaler.step(scaled)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**13  # it grew: several scales were exercised
+    for p, q in zip(plain_model.parameters(), scaled_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for key, state in plain.optimizer.state_dict()["state"].items():
+        other = scaled.optimizer.state_dict()["state"][key]
+        for field, value in state.items():
+            assert torch.equal(other[field], value), field
