@@ -53,7 +53,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -68,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.memory import peak_bytes  # noqa: E402
 from pub_optim import PUB  # noqa: E402
 
 StepFn = Callable[[], None]
@@ -639,49 +639,6 @@ def timer_overhead_us(n: int = 20000) -> float:
 
 
 # ----------------------------------------------------------------------------------- memory
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence the profiler's C-level start/stop lines (fd 2) while it runs."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def peak_bytes(run: Callable[[], None], device: torch.device) -> int:
-    """Peak of live allocator bytes while ``run`` executes, relative to its start."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        run()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        with _quiet_stderr():
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                run()
-            prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    # Each CPU allocation / free is a "[memory]" event with a signed "Bytes"; order by index.
-    mem = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-    mem.sort(key=lambda e: (e["args"].get("Ev Idx", 0), e["ts"]))
-    live = peak = 0
-    for e in mem:
-        live += int(e["args"]["Bytes"])
-        peak = max(peak, live)
-    return peak
-
-
 def measure_memory(
     problem: Problem, methods: list[Method], cfg: Config, device: torch.device
 ) -> dict[str, int]:

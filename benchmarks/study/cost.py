@@ -37,19 +37,16 @@ parameters, optimizer state and every per-task buffer a method keeps are counted
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
-import gc
 import json
 import os
 import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,6 +61,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.memory import peak_bytes  # noqa: E402
 from integrations.moe_ranking.data import MultiTaskData, Split, load_data  # noqa: E402
 from integrations.moe_ranking.models import MultiTaskModel, build_model  # noqa: E402
 from pub_optim import PUB  # noqa: E402
@@ -249,41 +247,6 @@ def build(method: str, problem: Problem) -> tuple[StepFn, MultiTaskModel]:
 
 
 # ---------------------------------------------------------------------------------- measuring
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """The CPU profiler prints warnings on stderr; keep the output readable."""
-    fd = sys.stderr.fileno()
-    saved = os.dup(fd)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), fd)
-        try:
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)
-
-
-def peak_bytes(run: Callable[[], None]) -> int:
-    """Peak of live CPU allocator bytes while ``run`` executes, relative to its start."""
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        with _quiet_stderr():
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                run()
-            prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    mem = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-    mem.sort(key=lambda e: (e["args"].get("Ev Idx", 0), e["ts"]))
-    live = peak = 0
-    for e in mem:
-        live += int(e["args"]["Bytes"])
-        peak = max(peak, live)
-    return peak
-
-
 def _quantile(values: list[float], q: float) -> float:
     return float(np.quantile(np.asarray(values), q))
 
