@@ -646,7 +646,7 @@ class PUB(torch.optim.Optimizer):
         packed: Tensor | None = None
         for item in items:
             try:
-                part = kernels.adam_gram(item.grads, item.operands)
+                part = kernels.adam_gram(item.grads, item.operands, item.constants)
             except Exception as exc:
                 warnings.warn(
                     f"PUB(fused=...): the fused Adam Gram kernel failed ({exc!r}); using the "
@@ -715,7 +715,7 @@ class PUB(torch.optim.Optimizer):
         for n, item in enumerate(items):
             alpha = weights.to(device=item.grads.device, dtype=item.grads.dtype)
             try:
-                kernels.adam_apply(item.grads, alpha, item.operands)
+                kernels.adam_apply(item.grads, alpha, item.operands, item.constants)
             except Exception as exc:  # parameters are independent: the rest goes the eager way
                 rest = sorted(i for later in items[n:] for i in later.indices)
                 warnings.warn(

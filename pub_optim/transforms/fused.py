@@ -49,29 +49,31 @@ _RECOMPUTE_OPTIONS: dict[str, Any] = {
 }
 
 
+#: Positions in the constants tensor the kernels take (one tensor, not eight Python floats: each
+#: float argument of a compiled call becomes a 0-d tensor at every call, ~15 us apiece).
+COEF_M, COEF_G, BETA2, ONE_MINUS_BETA2, EPS_C, L2, ONE_MINUS_BETA1, DECAY = range(8)
+
+
 def _updates(
     g: Tensor,
     m: Tensor,
     v: Tensor,
     vmax: Tensor | None,
     theta: Tensor,
-    coef_m: float,
-    coef_g: float,
-    beta2: float,
-    one_minus_beta2: float,
-    eps_c: float,
-    l2: float,
+    c: Tensor,
+    has_l2: bool,
     maximize: bool,
 ) -> Tensor:
-    """``d_k`` for a ``[K, n]`` block (see ``AdamTransform.lookahead`` for the folded constants)."""
+    """``d_k`` for a ``[K, n]`` block (see ``AdamTransform.lookahead`` for the folded constants;
+    ``c`` holds them, 0-d entries that do not promote the block's dtype)."""
     e = -g if maximize else g
-    if l2 != 0.0:
-        e = e + l2 * theta
-    num = m * coef_m + e * coef_g
-    den = v * beta2 + e * e * one_minus_beta2
+    if has_l2:
+        e = e + c[L2] * theta
+    num = m * c[COEF_M] + e * c[COEF_G]
+    den = v * c[BETA2] + e * e * c[ONE_MINUS_BETA2]
     if vmax is not None:
         den = torch.maximum(den, vmax)
-    return num / (torch.sqrt(den) + eps_c)
+    return num / (torch.sqrt(den) + c[EPS_C])
 
 
 def _gram_kernel(
@@ -80,15 +82,11 @@ def _gram_kernel(
     v: Tensor,
     vmax: Tensor | None,
     theta: Tensor,
-    coef_m: float,
-    coef_g: float,
-    beta2: float,
-    one_minus_beta2: float,
-    eps_c: float,
-    l2: float,
+    c: Tensor,
+    has_l2: bool,
     maximize: bool,
 ) -> Tensor:
-    d = _updates(g, m, v, vmax, theta, coef_m, coef_g, beta2, one_minus_beta2, eps_c, l2, maximize)
+    d = _updates(g, m, v, vmax, theta, c, has_l2, maximize)
     k = g.shape[0]
     pairs = [(d[i].double() * d[j].double()).sum() for i in range(k) for j in range(i, k)]
     return torch.stack(pairs)
@@ -101,29 +99,24 @@ def _apply_kernel(
     vmax: Tensor | None,
     theta: Tensor,
     alpha: Tensor,
-    coef_m: float,
-    coef_g: float,
-    beta2: float,
-    one_minus_beta2: float,
-    eps_c: float,
-    l2: float,
+    c: Tensor,
+    has_l2: bool,
     maximize: bool,
-    one_minus_beta1: float,
-    decay: float,
+    has_decay: bool,
 ) -> None:
-    d = _updates(g, m, v, vmax, theta, coef_m, coef_g, beta2, one_minus_beta2, eps_c, l2, maximize)
+    d = _updates(g, m, v, vmax, theta, c, has_l2, maximize)
     weights = alpha.unsqueeze(-1)
     update = (weights * d).sum(0)
     combined = (weights * g).sum(0)
     e = -combined if maximize else combined
-    if l2 != 0.0:
-        e = e + l2 * theta
-    m.lerp_(e, one_minus_beta1)
-    v.mul_(beta2).addcmul_(e, e, value=one_minus_beta2)
+    if has_l2:
+        e = e + c[L2] * theta
+    m.add_((e - m) * c[ONE_MINUS_BETA1])  # lerp
+    v.mul_(c[BETA2]).add_(e * e * c[ONE_MINUS_BETA2])
     if vmax is not None:
         torch.maximum(vmax, v, out=vmax)
-    if decay != 1.0:
-        theta.mul_(decay)
+    if has_decay:
+        theta.mul_(c[DECAY])
     theta.add_(update)
 
 
@@ -137,8 +130,8 @@ def _kernel(
     function eagerly (here: K x n temporaries and the eager speed). The Gram kernel specialises on
     K (one reduction per pair) and both kernels on the flags below, so one process that trains
     several models could reach the limit. A copy of the code object per key gives every
-    specialisation its own budget; sizes and the per-step constants stay dynamic (floats are not
-    specialised), so each copy compiles once.
+    specialisation its own budget; sizes and the per-step constants stay dynamic (the constants
+    are tensor data), so each copy compiles once.
     """
     cache_key = (name, *key)
     with _LOCK:
@@ -174,8 +167,8 @@ class AdamOperands:
     def tensors(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         return self.m, self.v, self.vmax, self.theta
 
-    def constants(self) -> tuple[float, float, float, float, float, float, bool]:
-        """The look-ahead constants (the Gram kernel's trailing arguments)."""
+    def constants(self) -> tuple[float, ...]:
+        """The eight constants, in the order of ``COEF_M`` ... ``DECAY``."""
         return (
             self.coef_m,
             self.coef_g,
@@ -183,15 +176,21 @@ class AdamOperands:
             self.one_minus_beta2,
             self.eps_c,
             self.l2,
-            self.maximize,
+            self.one_minus_beta1,
+            self.decay,
         )
+
+    def constants_tensor(self) -> Tensor:
+        """:meth:`constants` as the kernels take them: float64 for float64 parameters, else
+        float32 (the precision torch's own ops compute low-precision tensors in)."""
+        dtype = torch.float64 if self.theta.dtype == torch.float64 else torch.float32
+        return torch.tensor(self.constants(), dtype=dtype, device=self.theta.device)
 
     def batch_key(self) -> tuple[Any, ...]:
         """Parameters with equal keys can share one kernel call (same constants and formats)."""
         return (
             self.constants(),
-            self.one_minus_beta1,
-            self.decay,
+            self.maximize,
             self.vmax is None,
             self.theta.dtype,
             self.theta.device,
@@ -218,12 +217,14 @@ class FusedItem:
     Attributes:
         grads: ``[K, n]`` per-task gradients.
         operands: the state (or its concatenated copy) and constants.
+        constants: ``operands.constants_tensor()`` (shared by the items of one step).
         indices: positions of the parameters it holds in the list given to :func:`batch`.
         sources: for a concatenated item, each member's own operands, in order.
     """
 
     grads: Tensor
     operands: AdamOperands
+    constants: Tensor
     indices: list[int]
     sources: list[AdamOperands] = field(default_factory=list)
 
@@ -246,17 +247,25 @@ def batch(grads: list[Tensor], operands: list[AdamOperands], min_values: int) ->
     guards, more than a bias's whole work)."""
     items: list[FusedItem] = []
     small: dict[tuple[Any, ...], list[int]] = {}
+    tensors: dict[tuple[Any, ...], Tensor] = {}
+
+    def constants(ops: AdamOperands) -> Tensor:
+        key = (ops.constants(), ops.theta.dtype == torch.float64, ops.theta.device)
+        if key not in tensors:
+            tensors[key] = ops.constants_tensor()
+        return tensors[key]
+
     for i, (g, ops) in enumerate(zip(grads, operands, strict=True)):
         if g.shape[1] >= min_values:
-            items.append(FusedItem(g, ops, [i]))
+            items.append(FusedItem(g, ops, constants(ops), [i]))
         else:
             small.setdefault(ops.batch_key(), []).append(i)
     for indices in small.values():
+        first = operands[indices[0]]
         if len(indices) == 1:
-            items.append(FusedItem(grads[indices[0]], operands[indices[0]], indices))
+            items.append(FusedItem(grads[indices[0]], first, constants(first), indices))
             continue
         sources = [operands[i] for i in indices]
-        first = sources[0]
 
         def cat(name: str, members: list[AdamOperands] = sources) -> Tensor:
             return torch.cat([getattr(member, name) for member in members])
@@ -268,17 +277,20 @@ def batch(grads: list[Tensor], operands: list[AdamOperands], min_values: int) ->
             vmax=None if first.vmax is None else cat("vmax"),
             theta=cat("theta"),
         )
-        items.append(FusedItem(torch.cat([grads[i] for i in indices], 1), joined, indices, sources))
+        grads_joined = torch.cat([grads[i] for i in indices], 1)
+        items.append(FusedItem(grads_joined, joined, constants(first), indices, sources))
     return items
 
 
-def adam_gram(grads: Tensor, operands: AdamOperands) -> Tensor:
+def adam_gram(grads: Tensor, operands: AdamOperands, constants: Tensor | None = None) -> Tensor:
     """Packed upper triangle (row-major, float64) of the Gram matrix of one item's updates
-    (``grads``: ``[K, n]``)."""
+    (``grads``: ``[K, n]``; ``constants``: ``operands.constants_tensor()``, built if omitted)."""
     kernel = _kernel(
         "gram", _gram_kernel, operands.specialisation(grads.shape[0]), _RECOMPUTE_OPTIONS
     )
-    return kernel(grads, *operands.tensors(), *operands.constants())
+    if constants is None:
+        constants = operands.constants_tensor()
+    return kernel(grads, *operands.tensors(), constants, operands.l2 != 0.0, operands.maximize)
 
 
 def unpack_gram(packed: Tensor, k: int) -> Tensor:
@@ -290,10 +302,14 @@ def unpack_gram(packed: Tensor, k: int) -> Tensor:
     return gram
 
 
-def adam_apply(grads: Tensor, alpha: Tensor, operands: AdamOperands) -> None:
+def adam_apply(
+    grads: Tensor, alpha: Tensor, operands: AdamOperands, constants: Tensor | None = None
+) -> None:
     """Weighted update and state advance of one item, in place (``alpha``: ``[K]``, the dtype
-    of ``grads``)."""
+    of ``grads``; ``constants`` as in :func:`adam_gram`)."""
     kernel = _kernel("apply", _apply_kernel, operands.specialisation(grads.shape[0]))
+    if constants is None:
+        constants = operands.constants_tensor()
     m, v, vmax, theta = operands.tensors()
     kernel(
         grads,
@@ -302,7 +318,8 @@ def adam_apply(grads: Tensor, alpha: Tensor, operands: AdamOperands) -> None:
         vmax,
         theta,
         alpha,
-        *operands.constants(),
-        operands.one_minus_beta1,
-        operands.decay,
+        constants,
+        operands.l2 != 0.0,
+        operands.maximize,
+        operands.decay != 1.0,
     )
