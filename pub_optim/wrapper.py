@@ -255,6 +255,7 @@ class PUB(torch.optim.Optimizer):
                 "step": self._step_count,
                 "task_names": None if self._task_names is None else list(self._task_names),
                 "weights": None if self._weights is None else self._weights.cpu().tolist(),
+                "balancer": self.balancer.state_dict(),
             },
         }
 
@@ -264,8 +265,14 @@ class PUB(torch.optim.Optimizer):
                 "not a PUB state_dict (expected keys 'optimizer' and 'pub'); to load a plain "
                 "optimizer's state use pub.optimizer.load_state_dict(...)"
             )
-        self.optimizer.load_state_dict(state_dict["optimizer"])
         pub = state_dict["pub"]
+        previous = self.balancer.state_dict()
+        self.balancer.load_state_dict(pub.get("balancer", {}))
+        try:
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+        except Exception:
+            self.balancer.load_state_dict(previous)  # nothing changed
+            raise
         self._step_count = int(pub["step"])
         names = pub.get("task_names")
         self._task_names = None if names is None else tuple(names)

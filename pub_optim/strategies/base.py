@@ -20,7 +20,7 @@ class does everything that is common to all of them:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -93,6 +93,19 @@ class UpdateBalancer(ABC):
             weights = torch.zeros(k, dtype=torch.float64, device=gram.device)
             weights[active] = self.rescale_raw(self.raw_weights(sub / scale), scale)
         return self._normalize(weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What changes while training (random generators): saved by ``PUB.state_dict()`` so
+        that a resumed run continues identically. Empty for deterministic strategies."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} keeps no state, but the state_dict holds {sorted(state)}: "
+                "was it saved with another strategy?"
+            )
 
     def _normalize(self, weights: Tensor) -> Tensor:
         if self.normalization == "none":

@@ -13,6 +13,8 @@ optimizer's step; on the update Gram matrix it is PCGrad applied to the look-ahe
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -58,9 +60,9 @@ class PCGrad(UpdateBalancer):
     ``rng.permutation(K)`` and visits the tasks ``j != i`` in that order. The global torch and
     numpy generators are neither used nor advanced. Every call advances the generator, so the
     same seed and the same sequence of calls give the same weights (e.g. on every DDP rank);
-    :meth:`reseed` restarts the sequence. The generator state is not part of
-    ``PUB.state_dict()``: a resumed run draws a fresh sequence from ``seed``. With ``K = 2`` the
-    order does not matter and PCGrad is deterministic.
+    :meth:`reseed` restarts the sequence. The generator state is part of ``PUB.state_dict()``, so
+    a resumed run continues the same sequence. With ``K = 2`` the order does not matter and
+    PCGrad is deterministic.
 
     Args:
         seed: seed of the visiting-order generator (``None``: from the OS).
@@ -82,6 +84,20 @@ class PCGrad(UpdateBalancer):
     def draw_orders(self, k: int) -> list[np.ndarray]:
         """The next ``K`` visiting orders (one permutation of ``range(K)`` per task)."""
         return [self._rng.permutation(k) for _ in range(k)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "generator": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:  # a state_dict saved before the generator was part of it: keep ours
+            return
+        if set(state) != {"seed", "generator"}:
+            raise ValueError(
+                f"not a PCGrad state (expected keys 'seed' and 'generator'), got {sorted(state)}"
+            )
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["generator"]
+        self.seed, self._rng = state["seed"], rng
 
     def raw_weights(self, gram: Tensor) -> Tensor:
         matrix = gram.cpu().numpy()

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mtl_fixtures import OptimizerFactory, TwoTower, batch, torch_step
+from torch import Tensor
 
 from pub_optim import PUB, BalanceStats
 
@@ -56,6 +57,61 @@ def test_save_and_load_mid_training_continues_identically(solve_every: int) -> N
         assert torch.equal(p, q)
     assert opt.weights is not None and second.weights is not None
     assert torch.equal(opt.weights, second.weights)
+
+
+def test_save_and_load_continues_pcgrad_random_sequence() -> None:
+    """PCGrad's visiting orders are random for K >= 3: its generator is saved with PUB's state,
+    so a resumed run draws the same orders (dropping it would restart the sequence from the
+    seed, and the weights would differ, as the last lines check)."""
+    from pub_optim.strategies import PCGrad
+
+    k = 4
+
+    def run(model: TwoTower, opt: PUB, steps: range) -> list[Tensor]:
+        weights = []
+        for step in steps:
+            _train(model, opt, range(step, step + 1), k)
+            assert opt.weights is not None
+            weights.append(opt.weights.clone())
+        return weights
+
+    straight = TwoTower(k)
+    opt = PUB(torch.optim.SGD(straight.parameters(), lr=0.1), PCGrad(seed=7), space="gradient")
+    expected = run(straight, opt, range(8))
+
+    resumed = TwoTower(k)
+    first = PUB(torch.optim.SGD(resumed.parameters(), lr=0.1), PCGrad(seed=7), space="gradient")
+    run(resumed, first, range(4))
+    buffer = io.BytesIO()
+    torch.save({"model": resumed.state_dict(), "opt": first.state_dict()}, buffer)
+
+    def resume(keep_generator: bool) -> list[Tensor]:
+        buffer.seek(0)
+        saved = torch.load(buffer)
+        if not keep_generator:
+            del saved["opt"]["pub"]["balancer"]
+        model = TwoTower(k, seed=123)
+        model.load_state_dict(saved["model"])
+        second = PUB(torch.optim.SGD(model.parameters(), lr=0.1), PCGrad(seed=7), space="gradient")
+        second.load_state_dict(saved["opt"])
+        return run(model, second, range(4, 8))
+
+    for got, want in zip(resume(keep_generator=True), expected[4:], strict=True):
+        assert torch.equal(got, want)
+    restarted = resume(keep_generator=False)
+    assert any(not torch.equal(a, b) for a, b in zip(restarted, expected[4:], strict=True))
+
+
+def test_load_state_dict_of_another_strategy_changes_nothing() -> None:
+    from pub_optim.strategies import PCGrad
+
+    model = TwoTower(3)
+    saver = PUB(torch.optim.Adam(model.parameters()), PCGrad(), space="gradient")
+    _train(model, saver, range(2), 3)
+    loader = PUB(torch.optim.Adam(model.parameters()), "pareto")
+    with pytest.raises(ValueError, match="keeps no state"):
+        loader.load_state_dict(saver.state_dict())
+    assert len(loader.optimizer.state) == 0 and loader.state_dict()["pub"]["step"] == 0
 
 
 def test_load_state_dict_rejects_a_plain_optimizer_state() -> None:

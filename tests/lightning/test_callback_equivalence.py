@@ -112,5 +112,10 @@ def test_16_mixed_skipped_step_leaves_everything_untouched() -> None:
     assert pub is not None
     assert torch.equal(flat(model), before)
     assert len(pub.optimizer.state) == 0  # Adam never stepped: no exp_avg, no step count
-    assert pub.state_dict()["pub"] == {"step": 0, "task_names": ["t0", "t1"], "weights": None}
+    assert pub.state_dict()["pub"] == {
+        "step": 0,
+        "task_names": ["t0", "t1"],
+        "weights": None,
+        "balancer": {},
+    }
     assert pub.last_stats is None
