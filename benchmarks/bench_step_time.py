@@ -606,19 +606,21 @@ def instrument_pub(opt: PUB, timer: PhaseTimer) -> None:
     Only the methods that exist are wrapped; time the wrapped ones do not cover shows up in the
     report as ``(other)`` under its parent.
     """
-    transform = opt._transform
-    assert transform is not None, "the breakdown needs an exact look-ahead transform (Adam)"
+    transform, engine = opt._transform, opt._engine
+    assert transform is not None and engine is not None, (
+        "the breakdown needs an exact look-ahead transform (Adam)"
+    )
     for obj, attr, name in (
         (opt, "_check_losses", "check_losses"),
         (opt, "_carry_over_grad_changes", "carry_over"),
         (transform, "begin", "begin"),
-        (opt, "_gram", "gram"),
-        (opt, "_gram_fused", "gram_fused"),
+        (engine, "gram", "gram"),
+        (engine, "_gram_fused", "gram_fused"),
         (transform, "lookahead", "lookahead"),
         (opt, "balancer", "solve"),
         (opt, "_check_finite_grads", "check_finite"),
-        (opt, "_apply", "apply"),
-        (opt, "_apply_fused", "apply_fused"),
+        (engine, "apply_eager", "apply"),
+        (engine, "apply_fused", "apply_fused"),
         (transform, "commit", "commit"),
         (transform, "finish", "finish"),
         (opt, "_step_nonshared", "heads_step"),

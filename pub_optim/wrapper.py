@@ -18,7 +18,6 @@ by an ordinary step on ``g*``: the MGDA / IMTL-G / Nash-MTL baselines.
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,26 +26,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .exact_step import ExactStepEngine
 from .partition import task_owners
 from .stats import BalanceStats
 from .strategies import StrategyLike, UpdateBalancer, get_strategy
 from .transforms import UpdateTransform, exact_transform_for
-from .transforms import fused as kernels
-from .transforms.base import ParamContext
-from .transforms.fused import FusedItem
 from .transforms.generic import GenericLookahead
 
 Space = Literal["update", "gradient"]
 BetweenSolves = Literal["weighted_gradient", "reuse_weights"]
 TaskLosses = Sequence[Tensor] | Mapping[str, Tensor]
-
-#: Column chunk of the elementwise work on CPU: the ``K x chunk`` temporaries stay in cache.
-DEFAULT_CPU_CHUNK = 1 << 16
-#: ``fused=None`` compiles the Adam kernels once the per-task values of a step reach this count.
-FUSED_AUTO_MIN_VALUES = 1 << 20
-#: On the fused path, tensors with fewer values per task than this are concatenated (one kernel
-#: call per set of equal hyper-parameters instead of one per bias).
-FUSED_MIN_TENSOR = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -161,9 +150,6 @@ class PUB(torch.optim.Optimizer):
         self.solve_every = solve_every
         self.between_solves: BetweenSolves = between_solves
         self.check_finite = check_finite
-        self.chunk_size = chunk_size
-        self.fused = fused
-        self._fused_failed = False
         self.gradient_sync: GradientSync | None = gradient_sync
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
@@ -178,9 +164,13 @@ class PUB(torch.optim.Optimizer):
         )
         self._patch_step_function()
         self._transform: UpdateTransform | None = exact_transform_for(optimizer)
+        self._engine: ExactStepEngine | None = None
         if self._transform is not None:
             for group in optimizer.param_groups:
                 self._transform.validate_group(group)
+            self._engine = ExactStepEngine(self._transform, space, chunk_size, fused)
+        self._chunk_size = chunk_size
+        self._fused = fused
         self._explicit_shared: list[Tensor] | None = None
         if shared_params is not None:
             self._explicit_shared = list(dict.fromkeys(shared_params))
@@ -208,6 +198,30 @@ class PUB(torch.optim.Optimizer):
         self._reached: list[bool] = []
         self._grad_marks: list[tuple[int, int, float] | None] = []
         self._pending: Literal["full", "weighted"] | None = None
+
+    @property
+    def fused(self) -> bool | None:
+        """The ``fused`` setting (see the class docstring); assignable."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool | None) -> None:
+        self._fused = value
+        if self._engine is not None:
+            self._engine.fused = value
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Columns per block of the eager elementwise work; assignable."""
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int | None) -> None:
+        if value is not None and value < 1:
+            raise ValueError(f"chunk_size must be positive, got {value}")
+        self._chunk_size = value
+        if self._engine is not None:
+            self._engine.chunk_size = value
 
     # ------------------------------------------------------------------ torch.optim.Optimizer API
     @property
@@ -540,10 +554,12 @@ class PUB(torch.optim.Optimizer):
             return
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         contexts = [self._transform.begin(p, group_of[id(p)]) for p in params]
-        items = self._fused_items(contexts, task_grads)
+        engine = self._engine
+        assert engine is not None
+        items = engine.fused_items(contexts, task_grads)
         gram: Tensor | None = None
         if solve:
-            gram = self._gram(contexts, task_grads, num_tasks, items)
+            gram = engine.gram(contexts, task_grads, num_tasks, items)
         if gram is not None:
             self._raise_if_nonfinite(gram)
             weights = self.balancer(gram)
@@ -551,18 +567,10 @@ class PUB(torch.optim.Optimizer):
             assert self._weights is not None
             weights = self._weights
         self._check_finite_grads(nonshared)
-        if items is not None and not self._fused_failed:
-            self._apply_fused(contexts, task_grads, weights, items)
-        else:
-            self._apply(contexts, task_grads, weights)
+        engine.apply(contexts, task_grads, weights, items)
         self._step_nonshared(nonshared)
         self._weights = weights
         self._finish_step(solved=solve, gram=gram)
-
-    def _chunk(self, tensor: Tensor) -> int:
-        if self.chunk_size is not None:
-            return self.chunk_size
-        return DEFAULT_CPU_CHUNK if tensor.device.type == "cpu" else max(1, tensor[0].numel())
 
     def _carry_over_grad_changes(self, active: list[int]) -> None:
         """Rescale the per-task gradients by what was done to ``.grad`` since :meth:`backward`.
@@ -601,142 +609,6 @@ class PUB(torch.optim.Optimizer):
         if not grads:
             return []
         return torch.stack(torch._foreach_norm(grads)).tolist()  # type: ignore[arg-type]
-
-    def _gram(
-        self,
-        contexts: list[ParamContext],
-        task_grads: list[Tensor],
-        k: int,
-        items: list[FusedItem] | None = None,
-    ) -> Tensor:
-        """``G = [<d_i, d_j>]`` in float64: the compiled kernel over ``items`` when given (and
-        working), else eager cache-sized blocks, each a look-ahead into a ``K x chunk`` scratch
-        and a float32 matrix product added into ``G``."""
-        device = task_grads[0].device if task_grads else torch.device("cpu")
-        gram = torch.zeros((k, k), dtype=torch.float64, device=device)
-        if items is not None and self._gram_fused(items, gram):
-            return gram
-        scratch: Tensor | None = None
-        for ctx, buf in zip(contexts, task_grads, strict=True):
-            flat = buf.view(k, -1)
-            chunk = self._chunk(flat)
-            for lo in range(0, flat.shape[1], chunk):
-                hi = min(lo + chunk, flat.shape[1])
-                block = flat[:, lo:hi]
-                if self.space == "update":
-                    if scratch is None or scratch.dtype != flat.dtype or scratch.shape[1] < hi - lo:
-                        scratch = flat.new_empty((k, min(chunk, flat.shape[1])))
-                    out = scratch[:, : hi - lo]
-                    assert self._transform is not None
-                    self._transform.lookahead(ctx, lo, hi, block, out)
-                    block = out
-                gram.add_(torch.mm(block, block.T))
-        return gram
-
-    def _fused_items(
-        self, contexts: list[ParamContext], task_grads: list[Tensor]
-    ) -> list[FusedItem] | None:
-        """The compiled kernels' calls of this step (``None``: the eager path)."""
-        if not self._fused_enabled(task_grads):
-            return None
-        transform: Any = self._transform
-        return kernels.batch(
-            [buf.view(buf.shape[0], -1) for buf in task_grads],
-            [transform.fused_operands(ctx) for ctx in contexts],
-            FUSED_MIN_TENSOR,
-        )
-
-    def _gram_fused(self, items: list[FusedItem], gram: Tensor) -> bool:
-        """Add the compiled kernel's Gram matrix to ``gram``; ``False`` (``gram`` untouched) if
-        the kernel fails, and the eager pass computes the same matrix."""
-        k = gram.shape[0]
-        packed: Tensor | None = None
-        for item in items:
-            try:
-                part = kernels.adam_gram(item.grads, item.operands, item.constants)
-            except Exception as exc:
-                warnings.warn(
-                    f"PUB(fused=...): the fused Adam Gram kernel failed ({exc!r}); using the "
-                    "eager path",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self._fused_failed = True
-                return False
-            packed = part if packed is None else packed + part
-        if packed is not None:
-            gram.add_(kernels.unpack_gram(packed, k))
-        return True
-
-    def _apply(
-        self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor
-    ) -> None:
-        assert self._transform is not None
-        scratch: Tensor | None = None
-        for ctx, buf in zip(contexts, task_grads, strict=True):
-            k = buf.shape[0]
-            flat = buf.view(k, -1)
-            alpha = weights.to(device=flat.device, dtype=flat.dtype)
-            chunk = self._chunk(flat)
-            for lo in range(0, flat.shape[1], chunk):
-                hi = min(lo + chunk, flat.shape[1])
-                block = flat[:, lo:hi]
-                combined = alpha @ block
-                rows = k if self.space == "update" else 1
-                if (
-                    scratch is None
-                    or scratch.dtype != flat.dtype
-                    or scratch.shape[1] < hi - lo
-                    or scratch.shape[0] != rows
-                ):
-                    scratch = flat.new_empty((rows, min(chunk, flat.shape[1])))
-                out = scratch[:, : hi - lo]
-                if self.space == "update":
-                    self._transform.lookahead(ctx, lo, hi, block, out)
-                    update = alpha @ out
-                else:
-                    self._transform.lookahead(ctx, lo, hi, combined.unsqueeze(0), out)
-                    update = out[0]
-                self._transform.commit(ctx, lo, hi, combined, update)
-            self._transform.finish(ctx)
-
-    def _fused_enabled(self, task_grads: list[Tensor]) -> bool:
-        if self.fused is False or self._fused_failed or self.space != "update":
-            return False
-        if not hasattr(self._transform, "fused_operands") or not task_grads:
-            return False
-        if self.fused is None:
-            if any(t.device.type != "cpu" for t in task_grads):
-                return False
-            return sum(t.numel() for t in task_grads) >= FUSED_AUTO_MIN_VALUES
-        return True
-
-    def _apply_fused(
-        self,
-        contexts: list[ParamContext],
-        task_grads: list[Tensor],
-        weights: Tensor,
-        items: list[FusedItem],
-    ) -> None:
-        assert self._transform is not None
-        for n, item in enumerate(items):
-            alpha = weights.to(device=item.grads.device, dtype=item.grads.dtype)
-            try:
-                kernels.adam_apply(item.grads, alpha, item.operands, item.constants)
-            except Exception as exc:  # parameters are independent: the rest goes the eager way
-                rest = sorted(i for later in items[n:] for i in later.indices)
-                warnings.warn(
-                    f"PUB(fused=...): the fused Adam apply kernel failed ({exc!r}); using the "
-                    "eager path",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self._fused_failed = True
-                self._apply([contexts[j] for j in rest], [task_grads[j] for j in rest], weights)
-                return
-            item.write_back()
-            for i in item.indices:
-                self._transform.finish(contexts[i])
 
     def _generic_step(
         self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool

@@ -42,7 +42,7 @@ def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None
             opt.zero_grad()
             opt.backward(model.losses(x, y))
             opt.step()
-        assert not fused._fused_failed
+        assert fused._engine is not None and not fused._engine.fused_failed
         assert eager.last_stats is not None and fused.last_stats is not None
         # (The Gram matrices differ by ~1e-5 relative: the eager pass's float32 matrix product is
         # the less accurate of the two; test_fused_gram_against_torch_in_float64 pins the kernel.)
@@ -129,9 +129,7 @@ def test_each_specialisation_compiles_once_in_its_own_budget(
         ctx = transform.begin(param, optimizer.param_groups[0])
         grads = torch.randn(k, n)
         for _ in range(2):  # the second call reuses the compiled kernel
-            gram = kernels.unpack_gram(
-                kernels.adam_gram(grads, transform.fused_operands(ctx)), k
-            )
+            gram = kernels.unpack_gram(kernels.adam_gram(grads, transform.fused_operands(ctx)), k)
         d = torch.empty(k, n, dtype=torch.float64)
         double = AdamTransform(optimizer)
         ctx64 = double.begin(param, optimizer.param_groups[0])
@@ -146,7 +144,7 @@ def test_auto_mode_stays_eager_for_small_models() -> None:
     assert opt.fused is None
     x, y = batch(0)
     opt.backward(model.losses(x, y))
-    assert not opt._fused_enabled(opt._task_grads)
+    assert opt._engine is not None and not opt._engine.fused_enabled(opt._task_grads)
 
 
 @pytest.mark.parametrize("failing", [("adam_gram", "adam_apply"), ("adam_gram",)])
@@ -170,6 +168,6 @@ def test_compile_failure_falls_back_to_the_exact_eager_path(
     opt.backward(model.losses(x, y))
     with pytest.warns(RuntimeWarning, match="using the eager path"):
         opt.step()
-    assert opt._fused_failed
+    assert opt._engine is not None and opt._engine.fused_failed
     for p, q in zip(reference.parameters(), model.parameters(), strict=True):
         assert torch.equal(p, q)

@@ -1,0 +1,211 @@
+"""The elementwise work of one balanced step with an exact look-ahead transform.
+
+Yuan, Cai, Dong, arXiv:2410.05806, steps 2-6: over the shared parameters' per-task gradients
+``[K, *p.shape]``, the Gram matrix of the look-ahead updates (``space="update"``) or of the
+gradients (``space="gradient"``), then the weighted update and the state advance. Eager, in
+cache-sized column blocks, for every transform; compiled (:mod:`pub_optim.transforms.fused`) for
+Adam/AdamW when ``fused`` allows it, falling back to the eager path with a warning if a kernel
+fails. :class:`pub_optim.PUB` owns one engine and decides what to solve and when.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .transforms import UpdateTransform
+from .transforms import fused as kernels
+from .transforms.base import ParamContext
+from .transforms.fused import FusedItem
+
+#: Column chunk of the elementwise work on CPU: the ``K x chunk`` temporaries stay in cache.
+DEFAULT_CPU_CHUNK = 1 << 16
+#: ``fused=None`` compiles the Adam kernels once the per-task values of a step reach this count.
+FUSED_AUTO_MIN_VALUES = 1 << 20
+#: On the fused path, tensors with fewer values per task than this are concatenated (one kernel
+#: call per set of equal hyper-parameters instead of one per bias).
+FUSED_MIN_TENSOR = 1 << 14
+
+
+class ExactStepEngine:
+    """Gram matrix and weighted apply over per-task gradient buffers, for one transform.
+
+    Args:
+        transform: the wrapped optimizer's exact look-ahead transform.
+        space: ``"update"`` (Gram of the look-ahead updates) or ``"gradient"``.
+        chunk_size: columns per eager block (``None``: 65536 on CPU, whole tensors elsewhere).
+        fused: as :class:`pub_optim.PUB`'s ``fused`` argument.
+
+    Attributes:
+        fused_failed: a compiled kernel failed once; every later step is eager.
+    """
+
+    def __init__(
+        self,
+        transform: UpdateTransform,
+        space: Literal["update", "gradient"],
+        chunk_size: int | None,
+        fused: bool | None,
+    ) -> None:
+        self.transform = transform
+        self.space = space
+        self.chunk_size = chunk_size
+        self.fused = fused
+        self.fused_failed = False
+
+    def fused_enabled(self, task_grads: list[Tensor]) -> bool:
+        if self.fused is False or self.fused_failed or self.space != "update":
+            return False
+        if not hasattr(self.transform, "fused_operands") or not task_grads:
+            return False
+        if self.fused is None:
+            if any(t.device.type != "cpu" for t in task_grads):
+                return False
+            return sum(t.numel() for t in task_grads) >= FUSED_AUTO_MIN_VALUES
+        return True
+
+    def fused_items(
+        self, contexts: list[ParamContext], task_grads: list[Tensor]
+    ) -> list[FusedItem] | None:
+        """The compiled kernels' calls of this step (``None``: the eager path)."""
+        if not self.fused_enabled(task_grads):
+            return None
+        transform: Any = self.transform
+        return kernels.batch(
+            [buf.view(buf.shape[0], -1) for buf in task_grads],
+            [transform.fused_operands(ctx) for ctx in contexts],
+            FUSED_MIN_TENSOR,
+        )
+
+    def gram(
+        self,
+        contexts: list[ParamContext],
+        task_grads: list[Tensor],
+        k: int,
+        items: list[FusedItem] | None = None,
+    ) -> Tensor:
+        """``G = [<d_i, d_j>]`` in float64: the compiled kernel over ``items`` when given (and
+        working), else eager cache-sized blocks, each a look-ahead into a ``K x chunk`` scratch
+        and a float32 matrix product added into ``G``."""
+        device = task_grads[0].device if task_grads else torch.device("cpu")
+        gram = torch.zeros((k, k), dtype=torch.float64, device=device)
+        if items is not None and self._gram_fused(items, gram):
+            return gram
+        scratch: Tensor | None = None
+        for ctx, buf in zip(contexts, task_grads, strict=True):
+            flat = buf.view(k, -1)
+            chunk = self._chunk(flat)
+            for lo in range(0, flat.shape[1], chunk):
+                hi = min(lo + chunk, flat.shape[1])
+                block = flat[:, lo:hi]
+                if self.space == "update":
+                    if scratch is None or scratch.dtype != flat.dtype or scratch.shape[1] < hi - lo:
+                        scratch = flat.new_empty((k, min(chunk, flat.shape[1])))
+                    out = scratch[:, : hi - lo]
+                    self.transform.lookahead(ctx, lo, hi, block, out)
+                    block = out
+                gram.add_(torch.mm(block, block.T))
+        return gram
+
+    def _gram_fused(self, items: list[FusedItem], gram: Tensor) -> bool:
+        """Add the compiled kernel's Gram matrix to ``gram``; ``False`` (``gram`` untouched) if
+        the kernel fails, and the eager pass computes the same matrix."""
+        k = gram.shape[0]
+        packed: Tensor | None = None
+        for item in items:
+            try:
+                part = kernels.adam_gram(item.grads, item.operands, item.constants)
+            except Exception as exc:
+                warnings.warn(
+                    f"PUB(fused=...): the fused Adam Gram kernel failed ({exc!r}); using the "
+                    "eager path",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self.fused_failed = True
+                return False
+            packed = part if packed is None else packed + part
+        if packed is not None:
+            gram.add_(kernels.unpack_gram(packed, k))
+        return True
+
+    def apply(
+        self,
+        contexts: list[ParamContext],
+        task_grads: list[Tensor],
+        weights: Tensor,
+        items: list[FusedItem] | None,
+    ) -> None:
+        """``theta <- theta + sum_k alpha_k d_k`` and the state advanced with ``sum_k alpha_k g_k``
+        (``items``: from :meth:`fused_items`, ``None`` for the eager path)."""
+        if items is not None and not self.fused_failed:
+            self.apply_fused(contexts, task_grads, weights, items)
+        else:
+            self.apply_eager(contexts, task_grads, weights)
+
+    def apply_eager(
+        self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor
+    ) -> None:
+        scratch: Tensor | None = None
+        for ctx, buf in zip(contexts, task_grads, strict=True):
+            k = buf.shape[0]
+            flat = buf.view(k, -1)
+            alpha = weights.to(device=flat.device, dtype=flat.dtype)
+            chunk = self._chunk(flat)
+            for lo in range(0, flat.shape[1], chunk):
+                hi = min(lo + chunk, flat.shape[1])
+                block = flat[:, lo:hi]
+                combined = alpha @ block
+                rows = k if self.space == "update" else 1
+                if (
+                    scratch is None
+                    or scratch.dtype != flat.dtype
+                    or scratch.shape[1] < hi - lo
+                    or scratch.shape[0] != rows
+                ):
+                    scratch = flat.new_empty((rows, min(chunk, flat.shape[1])))
+                out = scratch[:, : hi - lo]
+                if self.space == "update":
+                    self.transform.lookahead(ctx, lo, hi, block, out)
+                    update = alpha @ out
+                else:
+                    self.transform.lookahead(ctx, lo, hi, combined.unsqueeze(0), out)
+                    update = out[0]
+                self.transform.commit(ctx, lo, hi, combined, update)
+            self.transform.finish(ctx)
+
+    def apply_fused(
+        self,
+        contexts: list[ParamContext],
+        task_grads: list[Tensor],
+        weights: Tensor,
+        items: list[FusedItem],
+    ) -> None:
+        for n, item in enumerate(items):
+            alpha = weights.to(device=item.grads.device, dtype=item.grads.dtype)
+            try:
+                kernels.adam_apply(item.grads, alpha, item.operands, item.constants)
+            except Exception as exc:  # parameters are independent: the rest goes the eager way
+                rest = sorted(i for later in items[n:] for i in later.indices)
+                warnings.warn(
+                    f"PUB(fused=...): the fused Adam apply kernel failed ({exc!r}); using the "
+                    "eager path",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.fused_failed = True
+                self.apply_eager(
+                    [contexts[j] for j in rest], [task_grads[j] for j in rest], weights
+                )
+                return
+            item.write_back()
+            for i in item.indices:
+                self.transform.finish(contexts[i])
+
+    def _chunk(self, tensor: Tensor) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return DEFAULT_CPU_CHUNK if tensor.device.type == "cpu" else max(1, tensor[0].numel())
