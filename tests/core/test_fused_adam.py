@@ -60,6 +60,51 @@ def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None
             torch.testing.assert_close(other[field], value, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_batches_small_tensors_per_param_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small tensors share a kernel call only with tensors of the same hyper-parameters: two
+    param groups with different lr and betas give two batches, and the result equals the eager
+    path's, parameters and state."""
+    from pub_optim.transforms import fused as kernels
+
+    shapes: list[tuple[int, ...]] = []
+    compiled = kernels.adam_apply
+
+    def counting(*args: object) -> object:
+        shapes.append(tuple(args[0].shape))  # type: ignore[attr-defined]
+        return compiled(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "adam_apply", counting)
+
+    def optimizer(model: TwoTower) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            [
+                {"params": model.trunk[0].parameters(), "lr": 1e-2},
+                {"params": model.trunk[2].parameters(), "lr": 5e-3, "betas": (0.8, 0.99)},
+                {"params": model.heads.parameters()},
+            ],
+            lr=2e-3,
+        )
+
+    eager_model, fused_model = TwoTower(3, width=160), TwoTower(3, width=160)
+    eager = PUB(optimizer(eager_model), "pareto", fused=False)
+    fused = PUB(optimizer(fused_model), "pareto", fused=True)
+    for step in range(4):
+        x, y = batch(step, 3)
+        for model, opt in ((eager_model, eager), (fused_model, fused)):
+            opt.zero_grad()
+            opt.backward(model.losses(x, y))
+            opt.step()
+    assert fused._engine is not None and not fused._engine.fused_failed
+    # per step: the 160 x 160 weight alone, trunk[0]'s weight and bias together, trunk[2]'s bias
+    assert sorted(shapes) == sorted([(3, 160 * 160), (3, 160 * 5 + 160), (3, 160)] * 4)
+    for p, q in zip(eager_model.parameters(), fused_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for key, state in eager.optimizer.state_dict()["state"].items():
+        other = fused.optimizer.state_dict()["state"][key]
+        for field, value in state.items():
+            torch.testing.assert_close(other[field], value, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fused_gram_against_torch_in_float64(name: str) -> None:
     """The Gram kernel's ``<d_i, d_j>`` against updates that torch's own optimizer takes, in
