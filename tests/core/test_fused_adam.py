@@ -18,30 +18,50 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def _record_kernel_shapes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tuple[int, ...]]]:
+    """Wrap both compiled kernels to record the ``[K, n]`` shape of every call."""
     from pub_optim.transforms import fused as kernels
 
-    calls: dict[str, list[object]] = {"adam_apply": [], "adam_gram": []}
+    calls: dict[str, list[tuple[int, ...]]] = {"adam_apply": [], "adam_gram": []}
     for kernel in calls:
         compiled = getattr(kernels, kernel)
 
-        def counting(*args: object, _name: str = kernel, _fn: object = compiled) -> object:
-            calls[_name].append(args[0].shape)  # type: ignore[attr-defined]
+        def recording(*args: object, _name: str = kernel, _fn: object = compiled) -> object:
+            calls[_name].append(tuple(args[0].shape))  # type: ignore[attr-defined]
             return _fn(*args)  # type: ignore[operator]
 
-        monkeypatch.setattr(kernels, kernel, counting)
+        monkeypatch.setattr(kernels, kernel, recording)
+    return calls
+
+
+def _step_both(models: tuple[TwoTower, TwoTower], opts: tuple[PUB, PUB], step: int) -> None:
+    x, y = batch(step, 3)
+    for model, opt in zip(models, opts, strict=True):
+        opt.zero_grad()
+        opt.backward(model.losses(x, y))
+        opt.step()
+
+
+def _assert_same_training_state(models: tuple[TwoTower, TwoTower], opts: tuple[PUB, PUB]) -> None:
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for key, state in opts[0].optimizer.state_dict()["state"].items():
+        other = opts[1].optimizer.state_dict()["state"][key]
+        assert state.keys() == other.keys()
+        for field, value in state.items():
+            torch.testing.assert_close(other[field], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _record_kernel_shapes(monkeypatch)
     factory = CONFIGS[name]
     # width 160: the 160 x 160 trunk weight is above FUSED_MIN_TENSOR, its biases are below.
-    eager_model, fused_model = TwoTower(3, width=160), TwoTower(3, width=160)
-    eager = PUB(factory(list(eager_model.parameters())), "pareto", fused=False)
-    fused = PUB(factory(list(fused_model.parameters())), "pareto", fused=True)
+    models = (TwoTower(3, width=160), TwoTower(3, width=160))
+    eager = PUB(factory(list(models[0].parameters())), "pareto", fused=False)
+    fused = PUB(factory(list(models[1].parameters())), "pareto", fused=True)
     for step in range(6):
-        x, y = batch(step, 3)
-        for model, opt in ((eager_model, eager), (fused_model, fused)):
-            opt.zero_grad()
-            opt.backward(model.losses(x, y))
-            opt.step()
+        _step_both(models, (eager, fused), step)
         assert fused._engine is not None and not fused._engine.fused_failed
         assert eager.last_stats is not None and fused.last_stats is not None
         # (The Gram matrices differ by ~1e-5 relative: the eager pass's float32 matrix product is
@@ -51,29 +71,14 @@ def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None
     # tensors concatenated (160 x 5 weight and two biases of 160).
     for shapes in calls.values():
         assert sorted(shapes) == sorted([(3, 160 * 160), (3, 160 * 5 + 2 * 160)] * 6)
-    for p, q in zip(eager_model.parameters(), fused_model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    for key, state in eager.optimizer.state_dict()["state"].items():
-        other = fused.optimizer.state_dict()["state"][key]
-        assert state.keys() == other.keys()
-        for field, value in state.items():
-            torch.testing.assert_close(other[field], value, rtol=1e-5, atol=1e-6)
+    _assert_same_training_state(models, (eager, fused))
 
 
 def test_fused_batches_small_tensors_per_param_group(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small tensors share a kernel call only with tensors of the same hyper-parameters: two
     param groups with different lr and betas give two batches, and the result equals the eager
     path's, parameters and state."""
-    from pub_optim.transforms import fused as kernels
-
-    shapes: list[tuple[int, ...]] = []
-    compiled = kernels.adam_apply
-
-    def counting(*args: object) -> object:
-        shapes.append(tuple(args[0].shape))  # type: ignore[attr-defined]
-        return compiled(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(kernels, "adam_apply", counting)
+    calls = _record_kernel_shapes(monkeypatch)
 
     def optimizer(model: TwoTower) -> torch.optim.Optimizer:
         return torch.optim.Adam(
@@ -85,24 +90,16 @@ def test_fused_batches_small_tensors_per_param_group(monkeypatch: pytest.MonkeyP
             lr=2e-3,
         )
 
-    eager_model, fused_model = TwoTower(3, width=160), TwoTower(3, width=160)
-    eager = PUB(optimizer(eager_model), "pareto", fused=False)
-    fused = PUB(optimizer(fused_model), "pareto", fused=True)
+    models = (TwoTower(3, width=160), TwoTower(3, width=160))
+    eager = PUB(optimizer(models[0]), "pareto", fused=False)
+    fused = PUB(optimizer(models[1]), "pareto", fused=True)
     for step in range(4):
-        x, y = batch(step, 3)
-        for model, opt in ((eager_model, eager), (fused_model, fused)):
-            opt.zero_grad()
-            opt.backward(model.losses(x, y))
-            opt.step()
+        _step_both(models, (eager, fused), step)
     assert fused._engine is not None and not fused._engine.fused_failed
     # per step: the 160 x 160 weight alone, trunk[0]'s weight and bias together, trunk[2]'s bias
-    assert sorted(shapes) == sorted([(3, 160 * 160), (3, 160 * 5 + 160), (3, 160)] * 4)
-    for p, q in zip(eager_model.parameters(), fused_model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    for key, state in eager.optimizer.state_dict()["state"].items():
-        other = fused.optimizer.state_dict()["state"][key]
-        for field, value in state.items():
-            torch.testing.assert_close(other[field], value, rtol=1e-5, atol=1e-6)
+    for shapes in calls.values():
+        assert sorted(shapes) == sorted([(3, 160 * 160), (3, 160 * 5 + 160), (3, 160)] * 4)
+    _assert_same_training_state(models, (eager, fused))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
