@@ -327,8 +327,8 @@ class PUB(torch.optim.Optimizer):
                     list(self._shared), self._task_grads if full else None, self._reached, others
                 )
             )
-            if full:
-                self._record_grad_marks()
+        if self._pending == "full":  # once, after the hook: what step() compares against
+            self._record_grad_marks()
 
     def _check_losses(self, losses: TaskLosses) -> tuple[tuple[str, ...], list[Tensor]]:
         named = split_task_losses(losses)
@@ -473,7 +473,6 @@ class PUB(torch.optim.Optimizer):
                     p.grad = buf.sum(0)
                 else:
                     p.grad.add_(buf.sum(0))
-        self._record_grad_marks()
         self._pending = "full"
 
     def _store_task_grads(
