@@ -67,6 +67,63 @@ class UpdateBalancer(ABC):
         Returns K weights (float64, same device). Called with ``K >= 1``.
         """
 
+    def device_raw_weights(self, gram: Tensor, active: Tensor) -> Tensor:
+        """Like :meth:`raw_weights`, as a fixed sequence of tensor operations on ``gram``'s device
+        (no host-device synchronisation: no ``bool()``, ``.item()``, ``.cpu()`` on its values).
+
+        ``gram`` is K x K with mean diagonal 1 over the ``active`` tasks (a ``[K]`` bool tensor);
+        an inactive task (zero update) appears as an orthogonal unit row, and its weight is set to
+        zero afterwards. Optional: strategies without it cannot run in ``PUB(sync_free=True)``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no synchronisation-free solver: use sync_free=False"
+        )
+
+    @property
+    def supports_sync_free(self) -> bool:
+        """Whether :meth:`device_weights` works for this strategy."""
+        return type(self).device_raw_weights is not UpdateBalancer.device_raw_weights
+
+    def device_weights(self, gram: Tensor) -> tuple[Tensor, Tensor]:
+        """What calling the balancer returns, without host-device synchronisation.
+
+        Returns ``(weights, valid)``: ``valid`` is a 0-d bool tensor, False where ``gram`` is
+        not finite or has a negative diagonal (where calling the balancer raises ``ValueError``);
+        the weights are then equal weights, always finite. The degenerate rules are those of
+        :meth:`__call__`, written with ``torch.where``.
+        """
+        if not isinstance(gram, Tensor):
+            raise TypeError(f"the Gram matrix must be a torch.Tensor, got {type(gram).__name__}")
+        if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
+            raise ValueError(
+                f"the Gram matrix must be square K x K with K >= 1, got {tuple(gram.shape)}"
+            )
+        k = gram.shape[0]
+        gram = gram.detach().to(torch.float64)
+        eye = torch.eye(k, dtype=torch.float64, device=gram.device)
+        diag = torch.diagonal(gram)
+        valid = torch.isfinite(gram).all() & (diag >= 0).all()
+        gram = torch.where(valid, 0.5 * (gram + gram.T), eye)
+        diag = torch.diagonal(gram)
+        equal = torch.full((k,), 1.0 / k, dtype=torch.float64, device=gram.device)
+        if not self.uses_gram:
+            weights = self.device_raw_weights(gram, torch.ones_like(diag, dtype=torch.bool))
+        else:
+            largest = diag.max()
+            active = diag > ZERO_UPDATE_RTOL * largest
+            count = active.sum()
+            scale = torch.where(count > 0, (diag * active).sum() / count.clamp(min=1), 1.0)
+            pair = active[:, None] & active[None, :]
+            scaled = torch.where(pair, gram / scale, eye)
+            raw = self.rescale_raw(self.device_raw_weights(scaled, active), scale)
+            weights = torch.where(largest > 0, torch.where(active, raw, 0.0), equal)
+        weights = torch.where(valid, weights, equal)
+        if self.normalization == "none":
+            return weights, valid
+        total = weights.sum()
+        positive = total > 1e-12 * weights.abs().sum()
+        return torch.where(positive, weights / torch.where(positive, total, 1.0), equal), valid
+
     def rescale_raw(self, weights: Tensor, scale: float | Tensor) -> Tensor:
         """Map raw weights computed on ``G / scale`` back to the units of ``G``.
 

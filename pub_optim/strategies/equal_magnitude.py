@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..solvers.device import equal_projection_weights
 from .base import UpdateBalancer
 
 #: Relative cut-off of small singular values in the pseudo-inverse.
@@ -41,3 +42,6 @@ class EqualMagnitude(UpdateBalancer):
         if not (exact and bool(total > 1e-9 * alpha.abs().sum())):
             return torch.full((k,), 1.0 / k, dtype=torch.float64, device=gram.device)
         return alpha / total
+
+    def device_raw_weights(self, gram: Tensor, active: Tensor) -> Tensor:
+        return equal_projection_weights(gram, active)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..solvers.device import min_norm_weights
 from .base import UpdateBalancer
 
 #: Ridge on the (mean-diagonal-one) Gram matrix: makes the minimiser unique when updates are
@@ -80,3 +81,7 @@ class MinNorm(UpdateBalancer):
     def raw_weights(self, gram: Tensor) -> Tensor:
         matrix = gram.cpu().numpy() + MIN_NORM_RIDGE * np.eye(gram.shape[0])
         return torch.from_numpy(min_norm_simplex(matrix)).to(gram.device)
+
+    def device_raw_weights(self, gram: Tensor, active: Tensor) -> Tensor:
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return min_norm_weights(gram + MIN_NORM_RIDGE * eye, active)

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..solvers.device import nash_weights
 from ..solvers.nash_newton import solve_nash_newton
 from .base import Normalization, UpdateBalancer
 
@@ -71,6 +72,11 @@ class Pareto(UpdateBalancer):
                 )
                 alpha = solve_nash_newton(matrix)
         return torch.from_numpy(alpha).to(gram.device)
+
+    def device_raw_weights(self, gram: Tensor, active: Tensor) -> Tensor:
+        # The native method, on the device, whatever ``solver`` says (the cvxpy backends run on
+        # the host); see :func:`pub_optim.solvers.device.nash_weights`.
+        return nash_weights(gram, active)
 
     def rescale_raw(self, weights: Tensor, scale: float | Tensor) -> Tensor:
         # alpha_k (G alpha)_k = 1 on G / s  <=>  (alpha / sqrt(s)) solves it on G.

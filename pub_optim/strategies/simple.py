@@ -20,6 +20,9 @@ class Equal(UpdateBalancer):
         k = gram.shape[0]
         return torch.full((k,), 1.0 / k, dtype=torch.float64, device=gram.device)
 
+    def device_raw_weights(self, gram: Tensor, active: Tensor) -> Tensor:
+        return self.raw_weights(gram)
+
 
 class Fixed(UpdateBalancer):
     """Fixed, user-given non-negative task weights (normalised to sum to one by default)."""
@@ -37,6 +40,7 @@ class Fixed(UpdateBalancer):
                 f"fixed weights must be finite, non-negative and not all zero, got {values}"
             )
         self.weights = values
+        self._on_device: dict[torch.device, Tensor] = {}
 
     def raw_weights(self, gram: Tensor) -> Tensor:
         if gram.shape[0] != len(self.weights):
@@ -47,3 +51,13 @@ class Fixed(UpdateBalancer):
 
     def __repr__(self) -> str:
         return f"Fixed({self.weights}, normalization={self.normalization!r})"
+
+    def device_raw_weights(self, gram: Tensor, active: Tensor) -> Tensor:
+        # Copied to the device once (a host-to-device copy), then reused.
+        if gram.shape[0] != len(self.weights):
+            raise ValueError(
+                f"Fixed was given {len(self.weights)} weights but there are {gram.shape[0]} tasks"
+            )
+        if gram.device not in self._on_device:
+            self._on_device[gram.device] = self.raw_weights(gram)
+        return self._on_device[gram.device]
