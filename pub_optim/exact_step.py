@@ -147,8 +147,17 @@ class ExactStepEngine:
             self.apply_eager(contexts, task_grads, weights)
 
     def apply_eager(
-        self, contexts: list[ParamContext], task_grads: list[Tensor], weights: Tensor
+        self,
+        contexts: list[ParamContext],
+        task_grads: list[Tensor],
+        weights: Tensor,
+        keep: Tensor | None = None,
+        space: Literal["update", "gradient"] | None = None,
     ) -> None:
+        """The eager apply pass. ``keep``: a 0-d bool tensor; where it is False the parameters and
+        their state keep their values (decided on the device: each block's values are saved
+        before the commit and selected after it). ``space``: overrides the engine's."""
+        space = space or self.space
         scratch: Tensor | None = None
         for ctx, buf in zip(contexts, task_grads, strict=True):
             k = buf.shape[0]
@@ -159,7 +168,7 @@ class ExactStepEngine:
                 hi = min(lo + chunk, flat.shape[1])
                 block = flat[:, lo:hi]
                 combined = alpha @ block
-                rows = k if self.space == "update" else 1
+                rows = k if space == "update" else 1
                 if (
                     scratch is None
                     or scratch.dtype != flat.dtype
@@ -168,13 +177,20 @@ class ExactStepEngine:
                 ):
                     scratch = flat.new_empty((rows, min(chunk, flat.shape[1])))
                 out = scratch[:, : hi - lo]
-                if self.space == "update":
+                if space == "update":
                     self.transform.lookahead(ctx, lo, hi, block, out)
                     update = alpha @ out
                 else:
                     self.transform.lookahead(ctx, lo, hi, combined.unsqueeze(0), out)
                     update = out[0]
+                if keep is None:
+                    self.transform.commit(ctx, lo, hi, combined, update)
+                    continue
+                saved = {name: ctx.view(name, lo, hi).clone() for name in ctx.flat}
                 self.transform.commit(ctx, lo, hi, combined, update)
+                for name, before in saved.items():
+                    view = ctx.view(name, lo, hi)
+                    view.copy_(torch.where(keep, view, before))
             self.transform.finish(ctx)
 
     def apply_fused(

@@ -18,6 +18,7 @@ by an ordinary step on ``g*``: the MGDA / IMTL-G / Nash-MTL baselines.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .partition import task_owners
 from .stats import BalanceStats
 from .strategies import StrategyLike, UpdateBalancer, get_strategy
 from .transforms import UpdateTransform, exact_transform_for
+from .transforms.base import ParamContext
 from .transforms.generic import GenericLookahead
 
 Space = Literal["update", "gradient"]
@@ -113,6 +115,17 @@ class PUB(torch.optim.Optimizer):
         gradient_sync: called with a :class:`GradientView` at the end of every :meth:`backward`,
             before the step sees the gradients: the place to average them across processes
             (:class:`pub_optim.distributed.GradientAllReduce`). Also settable as an attribute.
+        sync_free: no host-device synchronisation in :meth:`backward` and :meth:`step` (for CUDA
+            tensors; see ``docs/method.md``). The weights are solved on the device
+            (:meth:`UpdateBalancer.device_weights`), and a step whose losses, gradients or
+            updates are not finite is *skipped on the device* instead of raising: parameters
+            and optimizer state keep their values (the step counters still advance) and
+            :attr:`last_step_skipped` says so. The task-specific parameters then step through
+            the same exact transform (with one task it is the wrapped optimizer's own step).
+            Needs an exact transform (SGD, Adam, AdamW, RMSprop, Adagrad), a strategy with a
+            device solver (pareto, min-norm up to 12 tasks, equal-magnitude, equal, fixed), the
+            eager elementwise path (``fused`` is off) and, with ``solve_every > 1``,
+            ``between_solves="reuse_weights"``.
     """
 
     def __init__(
@@ -128,6 +141,7 @@ class PUB(torch.optim.Optimizer):
         chunk_size: int | None = None,
         gradient_sync: GradientSync | None = None,
         fused: bool | None = None,
+        sync_free: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"PUB wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -144,6 +158,16 @@ class PUB(torch.optim.Optimizer):
             )
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if sync_free and fused:
+            raise ValueError(
+                "sync_free=True runs the eager elementwise path: the fused kernels take their "
+                "constants from the host at every step; pass fused=None or fused=False"
+            )
+        if sync_free and solve_every > 1 and between_solves == "weighted_gradient":
+            raise ValueError(
+                "sync_free=True with solve_every > 1 needs between_solves='reuse_weights' (the "
+                "weighted backward reads the weights on the host)"
+            )
         self.optimizer = optimizer
         self.balancer: UpdateBalancer = get_strategy(strategy)
         self.space: Space = space
@@ -164,11 +188,25 @@ class PUB(torch.optim.Optimizer):
         )
         self._patch_step_function()
         self._transform: UpdateTransform | None = exact_transform_for(optimizer)
+        if sync_free and self._transform is None:
+            raise ValueError(
+                f"sync_free=True needs an exact look-ahead transform (SGD, Adam, AdamW, RMSprop, "
+                f"Adagrad); {type(optimizer).__name__} takes the generic snapshot path, which "
+                "runs the optimizer's own step K + 1 times"
+            )
+        if sync_free and not self.balancer.supports_sync_free:
+            raise ValueError(
+                f"sync_free=True needs a strategy with a device solver; {self.balancer!r} has "
+                "none (pareto, min-norm, equal-magnitude, equal and fixed weights have one)"
+            )
+        self.sync_free = sync_free
         self._engine: ExactStepEngine | None = None
         if self._transform is not None:
             for group in optimizer.param_groups:
                 self._transform.validate_group(group)
-            self._engine = ExactStepEngine(self._transform, space, chunk_size, fused)
+            self._engine = ExactStepEngine(
+                self._transform, space, chunk_size, False if sync_free else fused
+            )
         self._chunk_size = chunk_size
         self._fused = fused
         self._explicit_shared: list[Tensor] | None = None
@@ -196,8 +234,13 @@ class PUB(torch.optim.Optimizer):
         self._by_task: list[list[Tensor]] | None = None
         self._task_grads: list[Tensor] = []
         self._reached: list[bool] = []
-        self._grad_marks: list[tuple[int, int, float] | None] = []
+        self._grad_marks: list[tuple[int, int, int] | None] = []
+        self._mark_norms: Tensor | list[float] = []
         self._pending: Literal["full", "weighted"] | None = None
+        self._losses_finite: Tensor | None = None  # sync_free: all losses since zero_grad
+        self.last_step_skipped: Tensor | None = None
+        """``sync_free=True``: whether the last step was skipped for non-finite values (a 0-d
+        bool tensor on the parameters' device; reading it synchronises). ``None`` otherwise."""
 
     @property
     def fused(self) -> bool | None:
@@ -206,6 +249,8 @@ class PUB(torch.optim.Optimizer):
 
     @fused.setter
     def fused(self, value: bool | None) -> None:
+        if self.sync_free and value:
+            raise ValueError("sync_free=True runs the eager elementwise path: fused cannot be on")
         self._fused = value
         if self._engine is not None:
             self._engine.fused = value
@@ -261,6 +306,7 @@ class PUB(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._pending = None
+        self._losses_finite = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -363,7 +409,10 @@ class PUB(torch.optim.Optimizer):
         if self.check_finite:
             values = torch.stack([loss.detach().reshape(()).float() for loss in tensors])
             finite = torch.isfinite(values)
-            if not bool(finite.all()):
+            if self.sync_free:  # checked on the device: the step is skipped
+                seen = self._losses_finite
+                self._losses_finite = finite.all() if seen is None else seen & finite.all()
+            elif not bool(finite.all()):
                 bad = [n for n, ok in zip(names, finite.tolist(), strict=True) if not ok]
                 raise FloatingPointError(
                     f"non-finite loss for task(s) {bad}: nothing was changed; check the inputs and "
@@ -509,9 +558,11 @@ class PUB(torch.optim.Optimizer):
         ``_amp_foreach_non_finite_check_and_unscale_`` is one (torch 2.13)."""
         shared = self._shared or []
         with_grad = [p.grad for p in shared if p.grad is not None]
-        norms = iter(torch.stack(torch._foreach_norm(with_grad)).tolist() if with_grad else [])
+        norms = torch.stack(torch._foreach_norm(with_grad)) if with_grad else None
+        self._mark_norms = [] if norms is None else norms if self.sync_free else norms.tolist()
+        index = iter(range(len(with_grad)))
         self._grad_marks = [
-            None if p.grad is None else (id(p.grad), p.grad._version, next(norms)) for p in shared
+            None if p.grad is None else (id(p.grad), p.grad._version, next(index)) for p in shared
         ]
 
     # ----------------------------------------------------------------------------------- step
@@ -542,7 +593,7 @@ class PUB(torch.optim.Optimizer):
             self._finish_step(solved=False)
             return
         active = [i for i, p in enumerate(self._shared) if p.grad is not None and self._reached[i]]
-        self._carry_over_grad_changes(active)
+        grads_finite = self._carry_over_grad_changes(active)
         solve = self._weights is None or self._step_count % self.solve_every == 0
         num_tasks = len(self._task_names)
         params = [self._shared[i] for i in active]
@@ -555,6 +606,10 @@ class PUB(torch.optim.Optimizer):
         contexts = [self._transform.begin(p, group_of[id(p)]) for p in params]
         engine = self._engine
         assert engine is not None
+        if self.sync_free:
+            assert grads_finite is not None
+            self._sync_free_step(contexts, task_grads, nonshared, solve, grads_finite)
+            return
         items = engine.fused_items(contexts, task_grads)
         gram: Tensor | None = None
         if solve:
@@ -571,25 +626,68 @@ class PUB(torch.optim.Optimizer):
         self._weights = weights
         self._finish_step(solved=solve, gram=gram)
 
-    def _carry_over_grad_changes(self, active: list[int]) -> None:
+    def _carry_over_grad_changes(self, active: list[int]) -> Tensor | None:
         """Rescale the per-task gradients by what was done to ``.grad`` since :meth:`backward`.
 
-        Where the per-task gradients sum to a non-zero value the factor is elementwise
+        A ``.grad`` that was replaced or changed in place (its version counter moved): where the
+        per-task gradients sum to a non-zero value the factor is elementwise
         (``grad / sum_k g_k``: exact for value clipping too); where they cancel to zero, it is the
         least-squares uniform factor ``<grad, sum> / <sum, sum>`` over all changed tensors, which is
         exact for the uniform changes that matter (norm clipping, ``GradScaler.unscale_``).
-        No host synchronisation.
+        A ``.grad`` whose norm changed with the same version (kernels that do not bump it, such
+        as ``GradScaler.unscale_``'s) is rescaled by the ratio of norms: exact for the uniform
+        changes those kernels make.
+
+        Raises ``FloatingPointError`` (nothing changed) on a non-finite shared gradient; with
+        ``sync_free`` returns that check as a 0-d bool tensor instead (``None`` otherwise).
         """
         assert self._shared is not None
+        now = self._grad_norms_now(active)
+        if self.sync_free:
+            return self._carry_over_on_device(active, now)
+        assert isinstance(now, list)
+        if not all(math.isfinite(n) for n in now):
+            raise FloatingPointError(_NONFINITE_SHARED)
         changed: list[tuple[Tensor, Tensor, Tensor]] = []
-        for i, now in zip(active, self._grad_norms_now(active), strict=True):
+        for i, norm in zip(active, now, strict=True):
             p = self._shared[i]
             mark = self._grad_marks[i]
             assert p.grad is not None
-            if mark is not None and mark[:2] == (id(p.grad), p.grad._version) and now == mark[2]:
+            if (
+                mark is not None
+                and mark[:2] == (id(p.grad), p.grad._version)
+                and norm == self._mark_norms[mark[2]]
+            ):
                 continue
             buf = self._task_grads[i]
             changed.append((buf, buf.sum(0), p.grad))
+        self._rescale_changed(changed)
+        return None
+
+    def _carry_over_on_device(self, active: list[int], now: Tensor | list[float]) -> Tensor:
+        assert self._shared is not None and isinstance(now, Tensor | list)
+        if isinstance(now, list):  # no active parameter
+            return torch.ones((), dtype=torch.bool)
+        marks = self._mark_norms
+        changed: list[tuple[Tensor, Tensor, Tensor]] = []
+        for j, i in enumerate(active):
+            p = self._shared[i]
+            mark = self._grad_marks[i]
+            assert p.grad is not None
+            buf = self._task_grads[i]
+            if mark is None or mark[:2] != (id(p.grad), p.grad._version):
+                changed.append((buf, buf.sum(0), p.grad))
+                continue
+            assert isinstance(marks, Tensor)
+            before, after = marks[mark[2]], now[j]
+            same = (after == before) | ~(before > 0)
+            buf.mul_(torch.where(same, 1.0, after / torch.where(same, 1.0, before)).to(buf.dtype))
+        self._rescale_changed(changed)
+        return torch.isfinite(now).all()
+
+    @staticmethod
+    def _rescale_changed(changed: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+        """``g_k <- g_k * grad / sum_j g_j`` for each ``(buf, sum, grad)`` (no host reads)."""
         if not changed:
             return
         dots = torch.stack([(g.double() * t.double()).sum() for _, t, g in changed]).sum()
@@ -601,13 +699,61 @@ class PUB(torch.optim.Optimizer):
             ratio = torch.where(nonzero, grad / torch.where(nonzero, total, 1), factor)
             buf.mul_(ratio)
 
-    def _grad_norms_now(self, active: list[int]) -> list[float]:
-        """The norms of the shared ``.grad`` tensors now, to compare with the recorded ones."""
+    def _grad_norms_now(self, active: list[int]) -> Tensor | list[float]:
+        """The norms of the shared ``.grad`` tensors now, to compare with the recorded ones (a
+        tensor with ``sync_free``, else floats)."""
         assert self._shared is not None
         grads = [self._shared[i].grad for i in active]
         if not grads:
             return []
-        return torch.stack(torch._foreach_norm(grads)).tolist()  # type: ignore[arg-type]
+        norms = torch.stack(torch._foreach_norm(grads))  # type: ignore[arg-type]
+        return norms if self.sync_free else norms.tolist()
+
+    def _sync_free_step(
+        self,
+        contexts: list[ParamContext],
+        task_grads: list[Tensor],
+        nonshared: list[Tensor],
+        solve: bool,
+        grads_finite: Tensor,
+    ) -> None:
+        """The exact step with every decision on the device (``sync_free=True``)."""
+        engine = self._engine
+        assert engine is not None and self._task_names is not None
+        num_tasks = len(self._task_names)
+        device = task_grads[0].device if task_grads else self._shared_device()
+        ok = grads_finite.to(device)
+        if self._losses_finite is not None:
+            ok = ok & self._losses_finite.to(device)
+        if self.check_finite and nonshared:
+            norms = torch._foreach_norm([p.grad for p in nonshared])  # type: ignore[misc]
+            ok = ok & torch.isfinite(torch.stack(norms)).all()
+        previous = self._weights
+        if previous is None or previous.device != device:
+            previous = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64, device=device)
+        gram: Tensor | None = None
+        weights = previous
+        if solve:
+            gram = engine.gram(contexts, task_grads, num_tasks)
+            solved, valid = self.balancer.device_weights(gram)
+            ok = ok & valid
+            weights = torch.where(ok, solved, previous)
+        engine.apply_eager(contexts, task_grads, weights, keep=ok)
+        if nonshared:
+            assert self._transform is not None
+            group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+            own = [self._transform.begin(p, group_of[id(p)]) for p in nonshared]
+            grads = [p.grad.unsqueeze(0) for p in nonshared]  # type: ignore[union-attr]
+            one = torch.ones(1, dtype=torch.float64, device=device)
+            engine.apply_eager(own, grads, one, keep=ok, space="update")
+        self._weights = weights
+        self.last_step_skipped = ~ok
+        self._losses_finite = None
+        self._finish_step(solved=solve, gram=gram)
+
+    def _shared_device(self) -> torch.device:
+        assert self._shared is not None
+        return self._shared[0].device
 
     def _generic_step(
         self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool
@@ -661,11 +807,7 @@ class PUB(torch.optim.Optimizer):
 
     def _raise_if_nonfinite(self, gram: Tensor) -> None:
         if not bool(torch.isfinite(gram).all()):
-            raise FloatingPointError(
-                "non-finite per-task gradients or updates on the shared parameters: the step was "
-                "skipped and nothing was changed (lower the learning rate, clip, or use a "
-                "GradScaler)"
-            )
+            raise FloatingPointError(_NONFINITE_SHARED)
 
     def _check_finite_grads(self, params: list[Tensor]) -> None:
         if not self.check_finite or not params:
@@ -708,6 +850,12 @@ class PUB(torch.optim.Optimizer):
         if self._shared is None:
             raise RuntimeError("the shared parameters are known after the first backward()")
         return list(self._shared)
+
+
+_NONFINITE_SHARED = (
+    "non-finite per-task gradients or updates on the shared parameters: the step was skipped and "
+    "nothing was changed (lower the learning rate, clip, or use a GradScaler)"
+)
 
 
 def split_task_losses(losses: object) -> tuple[tuple[str, ...], list[Any]] | None:

@@ -37,7 +37,11 @@ def scalar(value: Any) -> float:
 
 @dataclass
 class ParamContext:
-    """Flat views of one parameter and its (possibly new) optimizer state for one step."""
+    """Flat views of one parameter and its (possibly new) optimizer state for one step.
+
+    ``flat`` must hold every tensor that :meth:`UpdateTransform.commit` writes: a step skipped on
+    the device (``PUB(sync_free=True)``) saves and restores exactly those.
+    """
 
     param: Tensor
     group: dict[str, Any]

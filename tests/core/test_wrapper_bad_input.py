@@ -123,6 +123,31 @@ def test_non_finite_gradient_skips_the_step_and_changes_nothing(where: str, opti
     assert torch.equal(pub.weights, weights)  # type: ignore[arg-type]
 
 
+def test_non_finite_shared_gradient_between_solves_changes_nothing() -> None:
+    # A step that reuses the weights computes no Gram matrix; the shared gradients' norms (taken
+    # anyway, to detect changes to .grad) catch it.
+    model = TwoTower()
+    pub = PUB(
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        solve_every=4,
+        between_solves="reuse_weights",
+        check_finite=False,
+    )
+    for step in range(2):
+        x, y = batch(step)
+        pub.zero_grad()
+        pub.backward(model.losses(x, y))
+        pub.step()
+    before = snapshot(model, pub)
+    x, y = batch(5)
+    pub.zero_grad()
+    pub.backward(model.losses(x, y))
+    model.trunk[2].bias.grad[1] = float("nan")  # type: ignore[index]
+    with pytest.raises(FloatingPointError, match="nothing was changed"):
+        pub.step()
+    assert_unchanged(model, pub, before)
+
+
 def test_step_without_backward_and_with_closure() -> None:
     model, pub = _trained()
     before = snapshot(model, pub)

@@ -1,0 +1,227 @@
+"""``PUB(sync_free=True)``: the step without host-device synchronisation.
+
+Three things are pinned here. It trains like the default (host-solver) step: same parameters and
+state over 20 steps for every exact transform and every strategy with a device solver. Neither
+:meth:`PUB.backward` nor :meth:`PUB.step` reads a tensor value on the host once training is under
+way (checked on CPU tensors with ``sync_guard.no_host_reads``, and on a GPU, when there is one,
+with ``torch.cuda.set_sync_debug_mode("error")``). A non-finite loss or gradient skips the step on
+the device: parameters and optimizer state keep their values (the step counters advance, as
+documented).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from mtl_fixtures import OPTIMIZERS, TwoTower, assert_state_equal, batch
+from sync_guard import no_host_reads
+
+from pub_optim import PUB
+
+EXACT = [(name, factory) for name, factory in OPTIMIZERS if "generic" not in name]
+STRATEGIES = ["pareto", "min-norm", "equal-magnitude", "equal", (3.0, 1.0)]
+
+
+def _host_values(pub: PUB) -> list[torch.Tensor]:
+    """Tensors that stay on the host on CUDA too (torch's step counters): allowed reads."""
+    return [s["step"] for s in pub.state.values() if isinstance(s.get("step"), torch.Tensor)]
+
+
+def _train(pub: PUB, model: TwoTower, steps: int, first: int = 0, guard: bool = False) -> None:
+    for step in range(first, first + steps):
+        x, y = batch(step)
+        pub.zero_grad()
+        losses = model.losses(x, y)
+        if guard:
+            with no_host_reads(_host_values(pub)):
+                pub.backward(losses)
+                pub.step()
+        else:
+            pub.backward(losses)
+            pub.step()
+
+
+def _pair(factory, strategy, **kwargs) -> tuple[TwoTower, PUB, TwoTower, PUB]:
+    host_model, free_model = TwoTower(), TwoTower()
+    host = PUB(factory(list(host_model.parameters())), strategy, **kwargs)
+    free = PUB(factory(list(free_model.parameters())), strategy, sync_free=True, **kwargs)
+    return host_model, host, free_model, free
+
+
+def _assert_close(model_a, pub_a, model_b, pub_b, atol: float) -> None:
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0.0, atol=atol)
+    state_a, state_b = pub_a.optimizer.state_dict()["state"], pub_b.optimizer.state_dict()["state"]
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        for name, value in state_a[key].items():
+            torch.testing.assert_close(value, state_b[key][name], rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize(("name", "factory"), EXACT, ids=[n for n, _ in EXACT])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
+def test_trains_like_the_host_step(name, factory, strategy):
+    host_model, host, free_model, free = _pair(factory, strategy)
+    _train(host, host_model, 20)
+    _train(free, free_model, 20)
+    # float32 parameters; the device solvers agree with the host ones to ~1e-9 in the weights,
+    # and the task-specific parameters step through the transform rather than torch's kernel.
+    _assert_close(host_model, host, free_model, free, atol=2e-5)
+    torch.testing.assert_close(free.weights, host.weights, rtol=0.0, atol=1e-6)
+    assert not bool(free.last_step_skipped)
+
+
+@pytest.mark.parametrize(("name", "factory"), EXACT, ids=[n for n, _ in EXACT])
+@pytest.mark.parametrize("space", ["update", "gradient"])
+def test_backward_and_step_read_nothing_on_the_host(name, factory, space):
+    model = TwoTower()
+    pub = PUB(factory(list(model.parameters())), "pareto", space=space, sync_free=True)
+    _train(pub, model, 1)  # the first step creates the state (and may copy constants once)
+    _train(pub, model, 3, first=1, guard=True)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
+def test_every_device_strategy_reads_nothing_on_the_host(strategy):
+    model = TwoTower(num_tasks=3)
+    weights = (3.0, 1.0, 1.0) if isinstance(strategy, tuple) else strategy
+    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), weights, sync_free=True)
+    x, y = batch(0, num_tasks=3)
+    pub.zero_grad()
+    pub.backward(model.losses(x, y))
+    pub.step()
+    for step in range(1, 4):
+        x, y = batch(step, num_tasks=3)
+        pub.zero_grad()
+        losses = model.losses(x, y)
+        with no_host_reads(_host_values(pub)):
+            pub.backward(losses)
+            pub.step()
+    assert not bool(pub.last_step_skipped)
+
+
+def test_reuse_weights_between_solves_reads_nothing_on_the_host():
+    model = TwoTower()
+    pub = PUB(
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        solve_every=3,
+        between_solves="reuse_weights",
+        sync_free=True,
+    )
+    _train(pub, model, 1)
+    _train(pub, model, 5, first=1, guard=True)
+    assert pub.last_stats is not None and pub.last_stats.solved is False
+
+
+def test_the_guard_sees_the_default_step_read_the_host():
+    # The check above can fail: the default step solves on the host.
+    model = TwoTower()
+    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2))
+    _train(pub, model, 1)
+    with pytest.raises(AssertionError, match="host read"):
+        _train(pub, model, 1, first=1, guard=True)
+
+
+@pytest.mark.parametrize("where", ["loss", "shared", "task-specific"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd-momentum-dampening", "rmsprop-centered"])
+def test_non_finite_values_skip_the_step_on_the_device(where, optimizer):
+    factory = dict(OPTIMIZERS)[optimizer]
+    model = TwoTower()
+    pub = PUB(factory(list(model.parameters())), sync_free=True)
+    _train(pub, model, 3)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(pub.optimizer.state_dict())
+    weights = pub.weights.clone()  # type: ignore[union-attr]
+    x, y = batch(7)
+    pub.zero_grad()
+    losses = model.losses(x, y)
+    if where == "loss":
+        losses[1] = losses[1] * float("nan")
+    with no_host_reads(_host_values(pub)):
+        pub.backward(losses)
+        target = model.trunk[0].weight if where == "shared" else model.heads[1].bias
+        if where != "loss":
+            with torch.no_grad():
+                target.grad[0] = float("inf")  # type: ignore[index]
+        pub.step()
+    assert bool(pub.last_step_skipped)
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p.detach(), q)
+    # Everything but the step counters, which advance on the host (documented).
+    def without_steps(saved: dict) -> dict:  # (state_dict() shares the live state's dicts)
+        return {k: {n: v for n, v in s.items() if n != "step"} for k, s in saved["state"].items()}
+
+    after = pub.optimizer.state_dict()
+    assert_state_equal(without_steps(after), without_steps(state))
+    assert_state_equal(after["param_groups"], state["param_groups"])
+    assert torch.equal(pub.weights, weights)  # type: ignore[arg-type]
+    _train(pub, model, 2, first=8)  # and training goes on
+    assert not bool(pub.last_step_skipped)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("change", ["clip_grad_norm", "grad_scaler"])
+def test_changes_to_grad_between_backward_and_step_are_carried_over(change):
+    # GradScaler.unscale_ changes .grad without bumping its version: the norm ratio catches it.
+    host_model, host, free_model, free = _pair(lambda p: torch.optim.Adam(p, lr=1e-2), "pareto")
+    for model, pub in ((host_model, host), (free_model, free)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for step in range(8):
+            x, y = batch(step)
+            pub.zero_grad()
+            losses = model.losses(x, y)
+            if change == "grad_scaler":
+                pub.backward([scaler.scale(loss) for loss in losses])
+                scaler.unscale_(pub)
+                scaler.step(pub)
+                scaler.update()
+            else:
+                pub.backward(losses)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                pub.step()
+    _assert_close(host_model, host, free_model, free, atol=2e-5)
+
+
+def test_configurations_without_a_sync_free_path_are_refused():
+    model = TwoTower()
+    with pytest.raises(ValueError, match="exact look-ahead transform"):
+        PUB(torch.optim.NAdam(model.parameters()), sync_free=True)
+    with pytest.raises(ValueError, match="device solver"):
+        PUB(torch.optim.Adam(model.parameters()), "pcgrad", sync_free=True)
+    with pytest.raises(ValueError, match="fused"):
+        PUB(torch.optim.Adam(model.parameters()), sync_free=True, fused=True)
+    with pytest.raises(ValueError, match="reuse_weights"):
+        PUB(torch.optim.Adam(model.parameters()), sync_free=True, solve_every=4)
+    pub = PUB(torch.optim.Adam(model.parameters()), sync_free=True)
+    with pytest.raises(ValueError, match="fused"):
+        pub.fused = True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy", ["pareto", "min-norm", "equal-magnitude"])
+def test_no_synchronisation_on_cuda(strategy):
+    device = torch.device("cuda")
+    model = TwoTower().to(device)
+    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), strategy, sync_free=True)
+
+    def one_step(step: int) -> None:
+        x, y = batch(step)
+        pub.zero_grad()
+        pub.backward(model.losses(x.to(device), y.to(device)))
+        pub.step()
+
+    one_step(0)
+    xs = [batch(step) for step in range(1, 4)]
+    inputs = [(x.to(device), y.to(device)) for x, y in xs]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y in inputs:
+            pub.zero_grad()
+            pub.backward(model.losses(x, y))
+            pub.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not bool(pub.last_step_skipped)
