@@ -17,6 +17,8 @@ which an inactive task (zero update) is an orthogonal unit row (see
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -32,26 +34,50 @@ _RUN_OFF = 1e6
 _MIN_BALANCE = 0.05
 _ACCEPT_RESIDUAL = 1e-6
 
+NashBackend = Literal["auto", "torch", "triton"]
+
 #: The min-norm solver enumerates the 2^K - 1 supports: K x K systems, batched.
 MIN_NORM_MAX_TASKS = 12
 
 
-def nash_weights(gram: Tensor, active: Tensor) -> Tensor:
+def nash_weights(
+    gram: Tensor,
+    active: Tensor,
+    backend: NashBackend = "auto",
+    iterations: int = NASH_ITERATIONS,
+) -> Tensor:
     """Nash bargaining weights ``alpha_k (G alpha)_k = 1`` (Navon et al., ICML 2022).
 
     The host rule of :func:`~pub_optim.solvers.nash_newton.solve_nash_newton`, without branches:
     the same damped Newton method (step ``1/(1 + lam)`` until the Newton decrement ``lam`` is
     below 1/4, full steps after) from the same start, run for a fixed :data:`NASH_ITERATIONS`
-    on ``G`` and on every ridge-regularised ``G + r I`` of the host's ladder at once (a batch of
-    nine systems); the result is the first of them whose iterate stayed positive and bounded and
+    on ``G`` and on every ridge-regularised ``G + r I`` of the host's ladder at once (nine
+    attempts); the result is the first of them whose iterate stayed positive and bounded and
     reached a Nash residual below 1e-6, exactly the attempt the host solver would accept.
     ``active`` is not needed: an inactive task's unit row is solved exactly apart (weight 1).
+
+    ``backend``: ``"torch"`` (about 1,300 small operators), ``"triton"`` (one kernel launch,
+    :mod:`pub_optim.kernels.nash_triton`; CUDA tensors, or CPU tensors under the Triton
+    interpreter), ``"auto"``: Triton for CUDA tensors when it is installed, else torch.
+    ``iterations``: Newton iterations per attempt (tests compare the backends at small counts).
     """
+    ridges = _ridges_on(gram) * torch.diagonal(gram).mean()
+    if _use_triton(gram, backend):
+        alpha, accepted = _nash_attempts_triton(gram, ridges, iterations)
+    else:
+        alpha, accepted = _nash_attempts_torch(gram, ridges, iterations)
+    # First accepted attempt (the host tries them in this order); none: the host's last resort.
+    index = torch.argmax(accepted.to(torch.int8), dim=0)
+    chosen = alpha.index_select(0, index.reshape(1))[0]  # (``alpha[index]`` reads index)
+    last_resort = (torch.diagonal(gram) + ridges[-1]).rsqrt()
+    return torch.where(accepted.any(), chosen, last_resort)
+
+
+def _nash_attempts_torch(gram: Tensor, ridges: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """Every attempt's final iterate ``[R, K]`` and whether it is accepted ``[R]``."""
     k = gram.shape[-1]
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-    ridges = _ridges_on(gram)
-    mean_diagonal = torch.diagonal(gram).mean()
-    grams = gram + (ridges * mean_diagonal)[:, None, None] * eye  # [R, K, K]
+    grams = gram + ridges[:, None, None] * eye  # [R, K, K]
     diagonal = torch.diagonal(grams, dim1=-2, dim2=-1)
     inv_norm = diagonal.rsqrt()
     # Start: one symmetric Sinkhorn step (the host's ``_balanced_point``) where C 1 is clearly
@@ -66,7 +92,7 @@ def nash_weights(gram: Tensor, active: Tensor) -> Tensor:
     dead = ~(curvature.squeeze(-1) > 0) & ~use_balanced[:, 0]
     dead = dead | ~(alpha.max(dim=-1).values <= limit.squeeze(-1))
     alpha = torch.where(dead[:, None], 1.0, alpha)
-    for _ in range(NASH_ITERATIONS):
+    for _ in range(iterations):
         inv = alpha.reciprocal()
         gradient = (grams @ alpha.unsqueeze(-1)).squeeze(-1) - inv
         hessian = grams + torch.diag_embed(inv * inv)
@@ -78,19 +104,57 @@ def nash_weights(gram: Tensor, active: Tensor) -> Tensor:
             1.0,
         )
         candidate = alpha - damping * step
-        failed = (info != 0) | ~torch.isfinite(decrement.squeeze(-1)) | (decrement < 0).squeeze(-1)
+        failed = (info != 0) | ~(decrement >= 0).squeeze(-1)
         failed = failed | ~(candidate.max(dim=-1).values <= limit.squeeze(-1))
         failed = failed | ~(candidate.min(dim=-1).values > 0)
         dead = dead | failed
         alpha = torch.where(dead[:, None], alpha, candidate)
     product = alpha * (grams @ alpha.unsqueeze(-1)).squeeze(-1)
     residual = torch.linalg.vector_norm(product - 1.0, dim=-1)  # the host's (Euclidean) test
-    accepted = ~dead & (residual <= _ACCEPT_RESIDUAL)
-    # First accepted attempt (the host tries them in this order); none: the host's last resort.
-    index = torch.argmax(accepted.to(torch.int8), dim=0)
-    chosen = alpha.index_select(0, index.reshape(1))[0]  # (``alpha[index]`` reads index)
-    last_resort = (diagonal[-1] + ridges[-1] * mean_diagonal).rsqrt()
-    return torch.where(accepted.any(), chosen, last_resort)
+    return alpha, ~dead & (residual <= _ACCEPT_RESIDUAL)
+
+
+def _nash_attempts_triton(gram: Tensor, ridges: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    from ..kernels import nash_triton
+
+    k = gram.shape[-1]
+    gram = gram.contiguous()
+    alpha = gram.new_empty((len(NASH_RIDGES), k))
+    accepted = torch.empty(len(NASH_RIDGES), dtype=torch.int8, device=gram.device)
+    nash_triton.nash_kernel()[(len(NASH_RIDGES),)](
+        gram,
+        ridges.contiguous(),
+        alpha,
+        accepted,
+        k,
+        gram.stride(0),
+        ITERATIONS=iterations,
+        BLOCK_K=nash_triton.block_size(k),
+    )
+    return alpha, accepted.bool()
+
+
+def _use_triton(gram: Tensor, backend: NashBackend) -> bool:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not gram.is_cuda):
+        return False
+    try:
+        from ..kernels import nash_triton
+    except ImportError:
+        if backend == "triton":
+            raise ImportError(
+                "backend='triton' needs the triton package: pip install 'pub-optim[triton]'"
+            ) from None
+        return False
+    if backend == "auto":
+        return not nash_triton.interpreted()
+    if not gram.is_cuda and not nash_triton.interpreted():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1 "
+            "before triton is first imported); use backend='torch'"
+        )
+    return True
 
 
 def _ridges_on(gram: Tensor) -> Tensor:

@@ -1,0 +1,1 @@
+"""Optional Triton kernels of the core (loaded on use; the ``triton`` extra)."""
