@@ -1,6 +1,6 @@
 """The synchronisation-free Nash solver as one Triton kernel launch.
 
-:func:`pub_optim.solvers.device.nash_weights` in plain torch is a fixed sequence of about 1,300
+:func:`pub_optim.solvers.device.nash_weights` in plain torch is a fixed sequence of about 2,100
 small operators (60 damped Newton iterations over a batch of nine ridge-regularised K x K
 systems); on a GPU each is a kernel launch of a few microseconds. This kernel runs the same
 iterations with the matrix in registers: one program per ridge, the K x K Newton system solved

@@ -17,6 +17,8 @@ which an inactive task (zero update) is an orthogonal unit row (see
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Literal
 
 import torch
@@ -56,7 +58,7 @@ def nash_weights(
     reached a Nash residual below 1e-6, exactly the attempt the host solver would accept.
     ``active`` is not needed: an inactive task's unit row is solved exactly apart (weight 1).
 
-    ``backend``: ``"torch"`` (about 1,300 small operators), ``"triton"`` (one kernel launch,
+    ``backend``: ``"torch"`` (about 2,100 small operators), ``"triton"`` (one kernel launch,
     :mod:`pub_optim.kernels.nash_triton`; CUDA tensors, or CPU tensors under the Triton
     interpreter), ``"auto"``: Triton for CUDA tensors when it is installed, else torch.
     ``iterations``: Newton iterations per attempt (tests compare the backends at small counts).
@@ -146,6 +148,7 @@ def _use_triton(gram: Tensor, backend: NashBackend) -> bool:
             raise ImportError(
                 "backend='triton' needs the triton package: pip install 'pub-optim[triton]'"
             ) from None
+        _warn_without_triton()
         return False
     if backend == "auto":
         return not nash_triton.interpreted()
@@ -155,6 +158,16 @@ def _use_triton(gram: Tensor, backend: NashBackend) -> bool:
             "before triton is first imported); use backend='torch'"
         )
     return True
+
+
+@functools.cache
+def _warn_without_triton() -> None:
+    warnings.warn(
+        "the synchronisation-free Nash solver runs as ~2,000 small torch operators on CUDA "
+        "without triton (one kernel launch with it): pip install 'pub-optim[triton]'",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _ridges_on(gram: Tensor) -> Tensor:
