@@ -729,8 +729,10 @@ class PUB(torch.optim.Optimizer):
             norms = torch._foreach_norm([p.grad for p in nonshared])  # type: ignore[misc]
             ok = ok & torch.isfinite(torch.stack(norms)).all()
         previous = self._weights
-        if previous is None or previous.device != device:
+        if previous is None:
             previous = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64, device=device)
+        elif previous.device != device:  # loaded by load_state_dict: copied once
+            previous = previous.to(device)
         gram: Tensor | None = None
         weights = previous
         if solve:

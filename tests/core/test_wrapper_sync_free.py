@@ -30,8 +30,9 @@ def _host_values(pub: PUB) -> list[torch.Tensor]:
 
 
 def _train(pub: PUB, model: TwoTower, steps: int, first: int = 0, guard: bool = False) -> None:
+    device = next(model.parameters()).device
     for step in range(first, first + steps):
-        x, y = batch(step)
+        x, y = (t.to(device) for t in batch(step))
         pub.zero_grad()
         losses = model.losses(x, y)
         if guard:
@@ -71,6 +72,64 @@ def test_trains_like_the_host_step(name, factory, strategy):
     _assert_close(host_model, host, free_model, free, atol=2e-5)
     torch.testing.assert_close(free.weights, host.weights, rtol=0.0, atol=1e-6)
     assert not bool(free.last_step_skipped)
+
+
+@pytest.mark.parametrize("strategy", ["pareto", "min-norm"])
+def test_gradient_space_trains_like_the_host_step(strategy):
+    factory = dict(OPTIMIZERS)["adam-l2-amsgrad"]
+    host_model, host, free_model, free = _pair(factory, strategy, space="gradient")
+    _train(host, host_model, 20)
+    _train(free, free_model, 20)
+    _assert_close(host_model, host, free_model, free, atol=2e-5)
+
+
+def test_accumulated_backward_calls_train_like_the_host_step():
+    host_model, host, free_model, free = _pair(lambda p: torch.optim.Adam(p, lr=1e-2), "pareto")
+    for model, pub in ((host_model, host), (free_model, free)):
+        for step in range(0, 12, 2):
+            pub.zero_grad()
+            for micro in (step, step + 1):
+                x, y = batch(micro)
+                pub.backward(model.losses(x, y))
+            pub.step()
+    _assert_close(host_model, host, free_model, free, atol=2e-5)
+
+
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_resumed_run_continues_with_the_saved_weights(device):
+    # Between solves the step reuses the weights: after load_state_dict they come from the
+    # checkpoint (a CPU tensor, moved to the parameters' device once), and the resumed run
+    # continues as the uninterrupted one.
+    def make(seed: int = 0) -> tuple[TwoTower, PUB]:
+        model = TwoTower(seed=seed).to(device)
+        pub = PUB(
+            torch.optim.Adam(model.parameters(), lr=1e-2),
+            solve_every=3,
+            between_solves="reuse_weights",
+            sync_free=True,
+        )
+        return model, pub
+
+    straight_model, straight = make()
+    _train(straight, straight_model, 8)
+    first_model, first = make()
+    _train(first, first_model, 4)
+    saved = copy.deepcopy({"model": first_model.state_dict(), "opt": first.state_dict()})
+    resumed_model, resumed = make(seed=5)
+    resumed_model.load_state_dict(saved["model"])
+    resumed.load_state_dict(saved["opt"])
+    _train(resumed, resumed_model, 4, first=4)  # step 5 reuses the weights solved at step 4
+    for p, q in zip(resumed_model.parameters(), straight_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0.0, atol=1e-6)
 
 
 @pytest.mark.parametrize(("name", "factory"), EXACT, ids=[n for n, _ in EXACT])
