@@ -24,8 +24,6 @@ Writes ``docs/results/device_solvers.md`` and ``docs/results/device_solvers.png`
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import platform
 import shlex
 import statistics
@@ -43,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import header_lines  # noqa: E402
 from pub_optim import PUB  # noqa: E402
 from pub_optim.solvers import device  # noqa: E402
 from pub_optim.strategies import EqualMagnitude, MinNorm, Pareto, UpdateBalancer  # noqa: E402
@@ -288,25 +287,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def environment() -> list[str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        with open("/proc/loadavg") as handle:
-            load = handle.read().split()[:3]
-    except OSError:
-        load = ["?"]
     return [
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {platform.system()} {platform.release()} {platform.machine()}, "
-        f"{os.cpu_count()} logical CPUs, load average at the end {' '.join(load)}",
-        f"- CPU: {cpu}; no GPU (the GPU columns are operator counts, not timings)",
+        *header_lines("; no GPU (the GPU columns are operator counts, not timings)"),
         f"- python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
     ]
 

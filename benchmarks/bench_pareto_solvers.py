@@ -26,8 +26,6 @@ Writes ``docs/results/pareto_solvers.md`` and ``docs/results/pareto_solvers.png`
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import platform
 import shlex
 import statistics
@@ -42,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import header_lines  # noqa: E402
 from pub_optim.solvers.nash_newton import nash_residual, solve_nash_newton  # noqa: E402
 
 SOLVERS = ("newton", "dpp", "ccp")
@@ -226,25 +225,8 @@ def environment() -> list[str]:
     import cvxpy
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        with open("/proc/loadavg") as handle:
-            load = handle.read().split()[:3]
-    except OSError:
-        load = ["?"]
     return [
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {platform.system()} {platform.release()} {platform.machine()}, "
-        f"{os.cpu_count()} logical CPUs, load average at the end {' '.join(load)}",
-        f"- CPU: {cpu}",
+        *header_lines(),
         f"- python {platform.python_version()}, torch {torch.__version__}, numpy "
         f"{np.__version__}, cvxpy {cvxpy.__version__}, clarabel {clarabel.__version__}",
     ]
