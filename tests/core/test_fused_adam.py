@@ -149,37 +149,38 @@ def test_fused_gram_against_torch_in_float64(name: str) -> None:
     assert torch.equal(fused, fused.T) and fused.dtype == torch.float64
 
 
-def test_each_specialisation_compiles_once_in_its_own_budget(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_each_specialisation_compiles_once_in_its_own_budget() -> None:
     """Several K and flag sets in one process do not exhaust dynamo's recompile limit (past it
     dynamo would silently run the kernel eagerly): with the limit at 1 and failing loudly, every
     specialisation still compiles, and each result matches a float64 eager reference."""
     from pub_optim.transforms import AdamTransform
     from pub_optim.transforms import fused as kernels
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    # config.patch, not monkeypatch: monkeypatch's undo deletes the entry from dynamo's config
+    # module, and every later compile in the session then fails ("recompile_limit does not exist")
+    # and falls back to the eager path.
     torch.manual_seed(1)
     n = 2_000
-    for k, amsgrad in ((2, False), (3, False), (2, True)):
-        param = torch.nn.Parameter(torch.randn(n))
-        optimizer = torch.optim.Adam([param], lr=1e-2, amsgrad=amsgrad)
-        param.grad = torch.randn(n)
-        optimizer.step()
-        transform = AdamTransform(optimizer)
-        ctx = transform.begin(param, optimizer.param_groups[0])
-        grads = torch.randn(k, n)
-        with torch.no_grad():  # as PUB.step calls it
-            for _ in range(2):  # the second call reuses the compiled kernel
-                packed = kernels.adam_gram(grads, transform.fused_operands(ctx))
-        gram = kernels.unpack_gram(packed, k)
-        d = torch.empty(k, n, dtype=torch.float64)
-        double = AdamTransform(optimizer)
-        ctx64 = double.begin(param, optimizer.param_groups[0])
-        ctx64.flat = {name: t.double() for name, t in ctx64.flat.items()}
-        double.lookahead(ctx64, 0, n, grads.double(), d)
-        torch.testing.assert_close(gram, d @ d.T, rtol=1e-6, atol=0.0)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for k, amsgrad in ((2, False), (3, False), (2, True)):
+            param = torch.nn.Parameter(torch.randn(n))
+            optimizer = torch.optim.Adam([param], lr=1e-2, amsgrad=amsgrad)
+            param.grad = torch.randn(n)
+            optimizer.step()
+            transform = AdamTransform(optimizer)
+            ctx = transform.begin(param, optimizer.param_groups[0])
+            grads = torch.randn(k, n)
+            with torch.no_grad():  # as PUB.step calls it
+                for _ in range(2):  # the second call reuses the compiled kernel
+                    packed = kernels.adam_gram(grads, transform.fused_operands(ctx))
+            gram = kernels.unpack_gram(packed, k)
+            d = torch.empty(k, n, dtype=torch.float64)
+            double = AdamTransform(optimizer)
+            ctx64 = double.begin(param, optimizer.param_groups[0])
+            ctx64.flat = {name: t.double() for name, t in ctx64.flat.items()}
+            double.lookahead(ctx64, 0, n, grads.double(), d)
+            torch.testing.assert_close(gram, d @ d.T, rtol=1e-6, atol=0.0)
+    assert torch._dynamo.config.recompile_limit == 8  # the session's setting is back
 
 
 def test_auto_mode_stays_eager_for_small_models() -> None:
