@@ -200,6 +200,9 @@ class PUB(torch.optim.Optimizer):
                 "none (pareto, min-norm, equal-magnitude, equal and fixed weights have one)"
             )
         self.sync_free = sync_free
+        # torch.amp.GradScaler then hands the step its scale and overflow flag as tensors
+        # (``grad_scale``, ``found_inf``) instead of reading the flag on the host to skip it.
+        self._step_supports_amp_scaling = sync_free
         self._engine: ExactStepEngine | None = None
         if self._transform is not None:
             for group in optimizer.param_groups:
@@ -592,8 +595,11 @@ class PUB(torch.optim.Optimizer):
             self.optimizer.step()
             self._finish_step(solved=False)
             return
+        overflow = self._unscale_for_grad_scaler() if self.sync_free else None
         active = [i for i, p in enumerate(self._shared) if p.grad is not None and self._reached[i]]
         grads_finite = self._carry_over_grad_changes(active)
+        if overflow is not None and grads_finite is not None:
+            grads_finite = grads_finite & ~overflow.to(grads_finite.device)
         solve = self._weights is None or self._step_count % self.solve_every == 0
         num_tasks = len(self._task_names)
         params = [self._shared[i] for i in active]
@@ -625,6 +631,26 @@ class PUB(torch.optim.Optimizer):
         self._step_nonshared(nonshared)
         self._weights = weights
         self._finish_step(solved=solve, gram=gram)
+
+    def _unscale_for_grad_scaler(self) -> Tensor | None:
+        """Under ``torch.amp.GradScaler.step`` with ``sync_free``: divide every ``.grad`` by the
+        scale it hands over (unless ``scaler.unscale_`` did already) and return its overflow
+        flag; ``None`` outside it. The per-task gradients follow through the norm ratio (the
+        unscaling kernel, like the scaler's own, keeps the version counters)."""
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return None
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for p in self._all_params():
+                if p.grad is not None:
+                    groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+            for (device, _), grads in groups.items():
+                inverse = grad_scale.to(device=device, dtype=torch.float64).reciprocal().float()
+                ignored = torch.zeros(1, dtype=torch.float32, device=device)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, ignored, inverse)
+        return found_inf.reshape(()) > 0
 
     def _carry_over_grad_changes(self, active: list[int]) -> Tensor | None:
         """Rescale the per-task gradients by what was done to ``.grad`` since :meth:`backward`.

@@ -11,6 +11,7 @@ documented).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -240,6 +241,77 @@ def test_changes_to_grad_between_backward_and_step_are_carried_over(change):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
                 pub.step()
     _assert_close(host_model, host, free_model, free, atol=2e-5)
+
+
+def _amp_run(
+    pub: PUB, model: TwoTower, scaler, steps: range, clip: bool, guard: bool, boost: float = 1.0
+) -> None:
+    for step in steps:
+        x, y = batch(step)
+        pub.zero_grad()
+        with no_host_reads(_host_values(pub)) if guard else contextlib.nullcontext():
+            losses = [scaler.scale(loss * boost) for loss in model.losses(x, y)]
+            pub.backward(losses)
+            if clip:
+                scaler.unscale_(pub)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05, foreach=True)
+            scaler.step(pub)
+            scaler.update()
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["scaler-unscales", "user-unscales-and-clips"])
+def test_grad_scaler_hands_over_scale_and_overflow_without_host_reads(clip):
+    # GradScaler.step gives a sync_free PUB the scale and the overflow flag as tensors (the
+    # ``_step_supports_amp_scaling`` protocol of torch's fused optimizers) instead of reading the
+    # flag to decide whether to call step(): the whole AMP iteration reads nothing on the host.
+    host_model, host, free_model, free = _pair(lambda p: torch.optim.Adam(p, lr=1e-2), "pareto")
+    host_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    free_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _amp_run(host, host_model, host_scaler, range(2), clip, guard=False)
+    _amp_run(free, free_model, free_scaler, range(2), clip, guard=False)
+    _amp_run(host, host_model, host_scaler, range(2, 8), clip, guard=False)
+    _amp_run(free, free_model, free_scaler, range(2, 8), clip, guard=True)
+    _assert_close(host_model, host, free_model, free, atol=2e-5)
+    assert float(free_scaler.get_scale()) == float(host_scaler.get_scale())
+
+
+def test_grad_scaler_overflow_skips_on_the_device_and_backs_off():
+    model = TwoTower()
+    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), sync_free=True, check_finite=False)
+    # float32 gradients overflow at this scale (x16 on the losses): the scaler finds inf, PUB
+    # skips, the scale drops.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+    before = [p.detach().clone() for p in model.parameters()]
+    _amp_run(pub, model, scaler, range(1), clip=False, guard=False, boost=16.0)
+    assert bool(pub.last_step_skipped)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert float(scaler.get_scale()) == 2.0**126
+    _amp_run(pub, model, scaler, range(1, 40), clip=False, guard=False, boost=16.0)
+    assert not bool(pub.last_step_skipped)  # the scale came down far enough to train
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_the_overflow_flag_alone_skips_the_step():
+    # The protocol itself: a flag set with finite gradients (the scaler saw an overflow that
+    # this step's own checks cannot see) skips the step; a zero flag does not.
+    model = TwoTower()
+    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), sync_free=True)
+    assert pub._step_supports_amp_scaling
+    _train(pub, model, 2)
+    for flag, skipped in ((1.0, True), (0.0, False)):
+        before = [p.detach().clone() for p in model.parameters()]
+        x, y = batch(9)
+        pub.zero_grad()
+        pub.backward(model.losses(x, y))
+        pub.grad_scale, pub.found_inf = torch.ones(()), torch.full((), flag)  # type: ignore[attr-defined]
+        try:
+            pub.step()
+        finally:
+            del pub.grad_scale, pub.found_inf  # type: ignore[attr-defined]
+        assert bool(pub.last_step_skipped) is skipped
+        unchanged = all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+        assert unchanged is skipped
 
 
 def test_configurations_without_a_sync_free_path_are_refused():
