@@ -40,7 +40,7 @@ class Fixed(UpdateBalancer):
                 f"fixed weights must be finite, non-negative and not all zero, got {values}"
             )
         self.weights = values
-        self._on_device: dict[torch.device, Tensor] = {}
+        self._on_device: dict[tuple[torch.device, tuple[float, ...]], Tensor] = {}
 
     def raw_weights(self, gram: Tensor) -> Tensor:
         if gram.shape[0] != len(self.weights):
@@ -53,11 +53,13 @@ class Fixed(UpdateBalancer):
         return f"Fixed({self.weights}, normalization={self.normalization!r})"
 
     def device_raw_weights(self, gram: Tensor, active: Tensor) -> Tensor:
-        # Copied to the device once (a host-to-device copy), then reused.
+        # Copied to the device once per set of weights (a host-to-device copy), then reused.
+        key = (gram.device, tuple(self.weights))
+        if key not in self._on_device:
+            self._on_device.clear()
+            self._on_device[key] = self.raw_weights(gram)  # (checks the number of tasks)
         if gram.shape[0] != len(self.weights):
             raise ValueError(
                 f"Fixed was given {len(self.weights)} weights but there are {gram.shape[0]} tasks"
             )
-        if gram.device not in self._on_device:
-            self._on_device[gram.device] = self.raw_weights(gram)
-        return self._on_device[gram.device]
+        return self._on_device[key]

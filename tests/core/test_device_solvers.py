@@ -186,6 +186,16 @@ def test_fixed_weights_on_the_device_are_the_given_ones_normalised():
     np.testing.assert_allclose(device_weights(balancer, gram), [0.75, 0.25])
 
 
+def test_fixed_weights_changed_after_the_first_call_are_used():
+    balancer = Fixed([3.0, 1.0])
+    gram = torch.eye(2, dtype=torch.float64)
+    balancer.device_weights(gram)
+    balancer.weights = [1.0, 1.0]
+    np.testing.assert_allclose(device_weights(Fixed([1.0, 1.0]), gram), [0.5, 0.5])
+    balancer.device_weights(gram)  # copies the new weights
+    np.testing.assert_allclose(device_weights(balancer, gram), [0.5, 0.5])
+
+
 def test_shape_errors_are_raised_before_any_device_work():
     with pytest.raises(ValueError, match="square"):
         Pareto().device_weights(torch.zeros(2, 3, dtype=torch.float64))
