@@ -1,7 +1,7 @@
 """The synchronisation-free Nash solver as one Triton kernel launch.
 
-:func:`pub_optim.solvers.device.nash_weights` in plain torch is a fixed sequence of about 2,100
-small operators (60 damped Newton iterations over a batch of nine ridge-regularised K x K
+:func:`pub_optim.solvers.device.nash_weights` in plain torch is a fixed sequence of about 3,500
+small operators (100 damped Newton iterations over a batch of nine ridge-regularised K x K
 systems); on a GPU each is a kernel launch of a few microseconds. This kernel runs the same
 iterations with the matrix in registers: one program per ridge, the K x K Newton system solved
 in place by Gauss-Jordan elimination without pivoting (the Hessian ``G + diag(1/alpha^2)`` is

@@ -22,6 +22,7 @@ from gram_samplers import (
     gram_specs,
     nash_residual,
     sample_factor,
+    sample_gram,
 )
 from hypothesis import given, settings
 from sync_guard import no_host_reads
@@ -86,6 +87,17 @@ def test_pareto_rank_deficient_same_rule_as_the_host(spec: GramSpec):
     if host_residual <= 1e-6:
         assert nash_residual(gram, device) <= 1e-6
     np.testing.assert_allclose(device * math.sqrt(scale), host * math.sqrt(scale), atol=1e-5)
+
+
+def test_pareto_hardest_sampled_case_converges_within_the_fixed_iterations():
+    # 16 colinear updates (rank 1): no Nash point, and the ridge the host accepts takes it 59
+    # Newton iterations (the most over 1,400 sampled and conflicting matrices). The device
+    # solver's fixed count must cover it: with 45 iterations its weights differ completely.
+    gram = torch.from_numpy(sample_gram(16, 1, 1.0, seed=3))
+    balancer = Pareto()
+    np.testing.assert_allclose(
+        device_weights(balancer, gram), balancer(gram).numpy(), rtol=1e-6, atol=0.0
+    )
 
 
 @FEW
