@@ -199,10 +199,7 @@ class PUB(torch.optim.Optimizer):
                 f"sync_free=True needs a strategy with a device solver; {self.balancer!r} has "
                 "none (pareto, min-norm, equal-magnitude, equal and fixed weights have one)"
             )
-        self.sync_free = sync_free
-        # torch.amp.GradScaler then hands the step its scale and overflow flag as tensors
-        # (``grad_scale``, ``found_inf``) instead of reading the flag on the host to skip it.
-        self._step_supports_amp_scaling = sync_free
+        self._sync_free = sync_free
         self._engine: ExactStepEngine | None = None
         if self._transform is not None:
             for group in optimizer.param_groups:
@@ -244,6 +241,17 @@ class PUB(torch.optim.Optimizer):
         self.last_step_skipped: Tensor | None = None
         """``sync_free=True``: whether the last step was skipped for non-finite values (a 0-d
         bool tensor on the parameters' device; reading it synchronises). ``None`` otherwise."""
+
+    @property
+    def sync_free(self) -> bool:
+        """The ``sync_free`` setting (fixed at construction: it decides the solver and the path)."""
+        return self._sync_free
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # With sync_free, torch.amp.GradScaler hands the step its scale and overflow flag as
+        # tensors (``grad_scale``, ``found_inf``) instead of reading the flag on the host.
+        return self._sync_free
 
     @property
     def fused(self) -> bool | None:
