@@ -53,13 +53,22 @@ def _pair(factory, strategy, **kwargs) -> tuple[TwoTower, PUB, TwoTower, PUB]:
 
 
 def _assert_close(model_a, pub_a, model_b, pub_b, atol: float) -> None:
+    """Parameters within ``atol``; each state tensor within 1e-5 of its own largest magnitude
+    (second moments are ~1e-4, momentum buffers cross zero: a fixed atol would be vacuous for the
+    first and a relative one meaningless for the second). Measured: <= 3.5e-6 over the grid."""
     for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0.0, atol=atol)
     state_a, state_b = pub_a.optimizer.state_dict()["state"], pub_b.optimizer.state_dict()["state"]
     assert state_a.keys() == state_b.keys()
     for key in state_a:
+        assert state_a[key].keys() == state_b[key].keys()
         for name, value in state_a[key].items():
-            torch.testing.assert_close(value, state_b[key][name], rtol=1e-5, atol=atol)
+            other = state_b[key][name]
+            if name == "step" or not isinstance(value, torch.Tensor):
+                assert float(value) == float(other)
+                continue
+            scale = float(value.abs().max())
+            torch.testing.assert_close(value, other, rtol=0.0, atol=1e-5 * scale + 1e-30)
 
 
 @pytest.mark.parametrize(("name", "factory"), EXACT, ids=[n for n, _ in EXACT])
@@ -68,9 +77,10 @@ def test_trains_like_the_host_step(name, factory, strategy):
     host_model, host, free_model, free = _pair(factory, strategy)
     _train(host, host_model, 20)
     _train(free, free_model, 20)
-    # float32 parameters; the device solvers agree with the host ones to ~1e-9 in the weights,
-    # and the task-specific parameters step through the transform rather than torch's kernel.
-    _assert_close(host_model, host, free_model, free, atol=2e-5)
+    # float32 parameters (measured <= ~1e-7 apart); the device solvers agree with the host ones
+    # to ~1e-9 in the weights, and the task-specific parameters step through the transform
+    # rather than torch's kernel.
+    _assert_close(host_model, host, free_model, free, atol=1e-6)
     torch.testing.assert_close(free.weights, host.weights, rtol=0.0, atol=1e-6)
     assert not bool(free.last_step_skipped)
 
@@ -81,7 +91,7 @@ def test_gradient_space_trains_like_the_host_step(strategy):
     host_model, host, free_model, free = _pair(factory, strategy, space="gradient")
     _train(host, host_model, 20)
     _train(free, free_model, 20)
-    _assert_close(host_model, host, free_model, free, atol=2e-5)
+    _assert_close(host_model, host, free_model, free, atol=1e-6)
 
 
 def test_accumulated_backward_calls_train_like_the_host_step():
@@ -93,7 +103,7 @@ def test_accumulated_backward_calls_train_like_the_host_step():
                 x, y = batch(micro)
                 pub.backward(model.losses(x, y))
             pub.step()
-    _assert_close(host_model, host, free_model, free, atol=2e-5)
+    _assert_close(host_model, host, free_model, free, atol=1e-6)
 
 
 CUDA = pytest.param(
@@ -240,7 +250,7 @@ def test_changes_to_grad_between_backward_and_step_are_carried_over(change):
                 pub.backward(losses)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
                 pub.step()
-    _assert_close(host_model, host, free_model, free, atol=2e-5)
+    _assert_close(host_model, host, free_model, free, atol=1e-6)
 
 
 def _amp_run(
@@ -271,7 +281,7 @@ def test_grad_scaler_hands_over_scale_and_overflow_without_host_reads(clip):
     _amp_run(free, free_model, free_scaler, range(2), clip, guard=False)
     _amp_run(host, host_model, host_scaler, range(2, 8), clip, guard=False)
     _amp_run(free, free_model, free_scaler, range(2, 8), clip, guard=True)
-    _assert_close(host_model, host, free_model, free, atol=2e-5)
+    _assert_close(host_model, host, free_model, free, atol=1e-6)
     assert float(free_scaler.get_scale()) == float(host_scaler.get_scale())
 
 
