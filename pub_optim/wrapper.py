@@ -122,6 +122,8 @@ class PUB(torch.optim.Optimizer):
             and optimizer state keep their values (the step counters still advance) and
             :attr:`last_step_skipped` says so. The task-specific parameters then step through
             the same exact transform (with one task it is the wrapped optimizer's own step).
+            A ``torch.amp.GradScaler`` hands the step its scale and overflow flag as tensors
+            (``_step_supports_amp_scaling``), so an AMP iteration reads nothing either.
             Needs an exact transform (SGD, Adam, AdamW, RMSprop, Adagrad), a strategy with a
             device solver (pareto, min-norm up to 12 tasks, equal-magnitude, equal, fixed), the
             eager elementwise path (``fused`` is off) and, with ``solve_every > 1``,
