@@ -366,3 +366,31 @@ def test_no_synchronisation_on_cuda(strategy):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert not bool(pub.last_step_skipped)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_synchronisation_in_an_amp_iteration_on_cuda():
+    device = torch.device("cuda")
+    model = TwoTower().to(device)
+    pub = PUB(torch.optim.Adam(model.parameters(), lr=1e-2), "pareto", sync_free=True)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    inputs = [tuple(t.to(device) for t in batch(step)) for step in range(4)]
+
+    def one_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        pub.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            losses = model.losses(x, y)
+        pub.backward([scaler.scale(loss.float()) for loss in losses])
+        scaler.step(pub)
+        scaler.update()
+
+    one_step(*inputs[0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y in inputs[1:]:
+            one_step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not bool(pub.last_step_skipped)
