@@ -236,8 +236,9 @@ class PUB(torch.optim.Optimizer):
         self._by_task: list[list[Tensor]] | None = None
         self._task_grads: list[Tensor] = []
         self._reached: list[bool] = []
-        self._grad_marks: list[tuple[int, int, int] | None] = []
-        self._mark_norms: Tensor | list[float] = []
+        # Per shared parameter: (id, version counter, norm) of its .grad after backward; the norm
+        # is a float, or a 0-d device tensor with sync_free.
+        self._grad_marks: list[tuple[int, int, float | Tensor] | None] = []
         self._pending: Literal["full", "weighted"] | None = None
         self._losses_finite: Tensor | None = None  # sync_free: all losses since zero_grad
         self.last_step_skipped: Tensor | None = None
@@ -571,11 +572,13 @@ class PUB(torch.optim.Optimizer):
         ``_amp_foreach_non_finite_check_and_unscale_`` is one (torch 2.13)."""
         shared = self._shared or []
         with_grad = [p.grad for p in shared if p.grad is not None]
-        norms = torch.stack(torch._foreach_norm(with_grad)) if with_grad else None
-        self._mark_norms = [] if norms is None else norms if self.sync_free else norms.tolist()
-        index = iter(range(len(with_grad)))
+        norms: list[float | Tensor] = []
+        if with_grad:
+            stacked = torch.stack(torch._foreach_norm(with_grad))
+            norms = list(stacked.unbind()) if self.sync_free else stacked.tolist()
+        values = iter(norms)
         self._grad_marks = [
-            None if p.grad is None else (id(p.grad), p.grad._version, next(index)) for p in shared
+            None if p.grad is None else (id(p.grad), p.grad._version, next(values)) for p in shared
         ]
 
     # ----------------------------------------------------------------------------------- step
@@ -624,7 +627,7 @@ class PUB(torch.optim.Optimizer):
         assert engine is not None
         if self.sync_free:
             assert grads_finite is not None
-            self._sync_free_step(contexts, task_grads, nonshared, solve, grads_finite)
+            self._sync_free_step(contexts, task_grads, nonshared, group_of, solve, grads_finite)
             return
         items = engine.fused_items(contexts, task_grads)
         gram: Tensor | None = None
@@ -689,11 +692,7 @@ class PUB(torch.optim.Optimizer):
             p = self._shared[i]
             mark = self._grad_marks[i]
             assert p.grad is not None
-            if (
-                mark is not None
-                and mark[:2] == (id(p.grad), p.grad._version)
-                and norm == self._mark_norms[mark[2]]
-            ):
+            if mark is not None and mark[:2] == (id(p.grad), p.grad._version) and norm == mark[2]:
                 continue
             buf = self._task_grads[i]
             changed.append((buf, buf.sum(0), p.grad))
@@ -704,7 +703,6 @@ class PUB(torch.optim.Optimizer):
         assert self._shared is not None and isinstance(now, Tensor | list)
         if isinstance(now, list):  # no active parameter
             return torch.ones((), dtype=torch.bool)
-        marks = self._mark_norms
         changed: list[tuple[Tensor, Tensor, Tensor]] = []
         for j, i in enumerate(active):
             p = self._shared[i]
@@ -714,8 +712,8 @@ class PUB(torch.optim.Optimizer):
             if mark is None or mark[:2] != (id(p.grad), p.grad._version):
                 changed.append((buf, buf.sum(0), p.grad))
                 continue
-            assert isinstance(marks, Tensor)
-            before, after = marks[mark[2]], now[j]
+            before, after = mark[2], now[j]
+            assert isinstance(before, Tensor)
             same = (after == before) | ~(before > 0)
             buf.mul_(torch.where(same, 1.0, after / torch.where(same, 1.0, before)).to(buf.dtype))
         self._rescale_changed(changed)
@@ -750,6 +748,7 @@ class PUB(torch.optim.Optimizer):
         contexts: list[ParamContext],
         task_grads: list[Tensor],
         nonshared: list[Tensor],
+        group_of: dict[int, dict[str, Any]],
         solve: bool,
         grads_finite: Tensor,
     ) -> None:
@@ -779,7 +778,6 @@ class PUB(torch.optim.Optimizer):
         engine.apply_eager(contexts, task_grads, weights, keep=ok)
         if nonshared:
             assert self._transform is not None
-            group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
             own = [self._transform.begin(p, group_of[id(p)]) for p in nonshared]
             grads = [p.grad.unsqueeze(0) for p in nonshared]  # type: ignore[union-attr]
             one = torch.ones(1, dtype=torch.float64, device=device)
