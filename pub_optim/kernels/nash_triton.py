@@ -34,8 +34,13 @@ def nash_newton_kernel(
     stride,
     ITERATIONS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    MIN_BALANCE: tl.constexpr,
+    RUN_OFF: tl.constexpr,
+    PURE_NEWTON_DECREMENT: tl.constexpr,
+    ACCEPT_RESIDUAL: tl.constexpr,
 ):
-    """Program ``r``: damped Newton on ``G + ridge[r] I`` (see ``solvers/device.py``)."""
+    """Program ``r``: damped Newton on ``G + ridge[r] I`` (see ``solvers/device.py``; the
+    thresholds are the host solver's, passed in by the caller)."""
     r = tl.program_id(0)
     idx = tl.arange(0, BLOCK_K)
     rows = idx[:, None]
@@ -53,9 +58,9 @@ def nash_newton_kernel(
     balanced = inv_norm / tl.sqrt(tl.where(valid & (row > 0), row, 1.0))
     curvature = tl.sum(inv_norm * g_inv)
     plain = inv_norm * tl.sqrt(k / tl.maximum(curvature, 1e-300))
-    use_balanced = tl.min(tl.where(valid, row, float("inf"))) > 0.05
+    use_balanced = tl.min(tl.where(valid, row, float("inf"))) > MIN_BALANCE
     alpha = tl.where(use_balanced, balanced, plain)
-    limit = 1e6 * tl.max(inv_norm)
+    limit = RUN_OFF * tl.max(inv_norm)
     dead = (curvature <= 0) & (use_balanced == 0)
     dead = dead | ~(tl.max(tl.where(valid, alpha, 0.0)) <= limit)
     alpha = tl.where(dead, tl.where(valid, 1.0, 0.0), alpha)
@@ -75,7 +80,9 @@ def nash_newton_kernel(
         step = solution / tl.sum(tl.where(eye, system, 0.0), axis=1)
         decrement = tl.sum(gradient * step)
         damping = tl.where(
-            decrement > 0.0625, 1.0 / (1.0 + tl.sqrt(tl.maximum(decrement, 0.0))), 1.0
+            decrement > PURE_NEWTON_DECREMENT,
+            1.0 / (1.0 + tl.sqrt(tl.maximum(decrement, 0.0))),
+            1.0,
         )
         candidate = alpha - damping * step
         highest = tl.max(tl.where(valid, candidate, float("-inf")))
@@ -86,7 +93,7 @@ def nash_newton_kernel(
     product = alpha * tl.sum(gram * alpha[None, :], axis=1)
     mismatch = tl.where(valid, product - 1.0, 0.0)
     residual = tl.sqrt(tl.sum(mismatch * mismatch))
-    accepted = (dead == 0) & (residual <= 1e-6)
+    accepted = (dead == 0) & (residual <= ACCEPT_RESIDUAL)
     tl.store(alpha_ptr + r * k + idx, alpha, mask=valid)
     tl.store(accepted_ptr + r, accepted.to(tl.int8))
 

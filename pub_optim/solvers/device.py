@@ -24,7 +24,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .nash_newton import FALLBACK_RIDGE
+from .nash_newton import (
+    _ACCEPT_RESIDUAL,
+    _MIN_BALANCE,
+    _PURE_NEWTON_DECREMENT,
+    _RUN_OFF,
+    FALLBACK_RIDGE,
+)
 
 #: Damped Newton iterations per ridge: the host solver's ``max_iter``, so that every attempt the
 #: host accepts converges within it here too. (Over 1,400 sampled and conflicting matrices the
@@ -32,10 +38,6 @@ from .nash_newton import FALLBACK_RIDGE
 NASH_ITERATIONS = 100
 #: Ridges tried side by side, relative to the mean diagonal: 0, then the host solver's ladder.
 NASH_RIDGES = (0.0, *(FALLBACK_RIDGE * 100.0**i for i in range(8)))
-_PURE_NEWTON_DECREMENT = 1.0 / 16.0
-_RUN_OFF = 1e6
-_MIN_BALANCE = 0.05
-_ACCEPT_RESIDUAL = 1e-6
 
 NashBackend = Literal["auto", "torch", "triton"]
 
@@ -133,6 +135,10 @@ def _nash_attempts_triton(gram: Tensor, ridges: Tensor, iterations: int) -> tupl
         gram.stride(0),
         ITERATIONS=iterations,
         BLOCK_K=nash_triton.block_size(k),
+        MIN_BALANCE=_MIN_BALANCE,
+        RUN_OFF=_RUN_OFF,
+        PURE_NEWTON_DECREMENT=_PURE_NEWTON_DECREMENT,
+        ACCEPT_RESIDUAL=_ACCEPT_RESIDUAL,
     )
     return alpha, accepted.bool()
 
@@ -221,18 +227,17 @@ def min_norm_weights(gram: Tensor, active: Tensor) -> Tensor:
 #: Ridge of the equal-projection system (relative to the mean diagonal): stands in for the
 #: pseudo-inverse's cut-off, which needs an eigendecomposition (that synchronises on CUDA).
 EQUAL_PROJECTION_RIDGE = 1e-10
-#: As :data:`pub_optim.strategies.equal_magnitude.EXACT_RTOL`.
-_EXACT_RTOL = 1e-6
 
 
-def equal_projection_weights(gram: Tensor, active: Tensor) -> Tensor:
+def equal_projection_weights(gram: Tensor, active: Tensor, exact_rtol: float) -> Tensor:
     """Weights whose joint update projects equally on every unit task update (IMTL-G, Liu et
     al., ICLR 2021): ``G alpha = sqrt(diag G)``, normalised to sum to one.
 
     Solved as ``(G + 1e-10 I) alpha = sqrt(diag G)`` (the ridge solution tends to the
     pseudo-inverse one as the ridge vanishes; on a singular ``G`` the two can differ along the
     null space of ``G``, which does not change the joint update). Same fallback rule as the host
-    strategy: equal weights where no exact solution with a positive sum exists. The sums run
+    strategy: equal weights where no exact solution (mismatch within ``exact_rtol`` of the
+    largest norm) with a positive sum exists. The sums run
     over the ``active`` tasks only (an inactive task's unit row gets weight ~1, set to zero by
     the caller).
     """
@@ -244,7 +249,7 @@ def equal_projection_weights(gram: Tensor, active: Tensor) -> Tensor:
     mismatch = (gram @ alpha - norms).abs().max()
     alpha = torch.where(active, alpha, 0.0)
     total = alpha.sum()
-    exact = (info == 0) & (mismatch <= _EXACT_RTOL * norms.max()) & torch.isfinite(total)
+    exact = (info == 0) & (mismatch <= exact_rtol * norms.max()) & torch.isfinite(total)
     usable = exact & (total > 1e-9 * alpha.abs().sum())
     fallback = active.to(gram.dtype) / torch.clamp(active.sum(), min=1)
     return torch.where(usable, alpha / torch.where(usable, total, 1.0), fallback)

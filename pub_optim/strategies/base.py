@@ -92,12 +92,7 @@ class UpdateBalancer(ABC):
         the weights are then equal weights, always finite. The degenerate rules are those of
         :meth:`__call__`, written with ``torch.where``.
         """
-        if not isinstance(gram, Tensor):
-            raise TypeError(f"the Gram matrix must be a torch.Tensor, got {type(gram).__name__}")
-        if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
-            raise ValueError(
-                f"the Gram matrix must be square K x K with K >= 1, got {tuple(gram.shape)}"
-            )
+        _check_shape(gram)
         k = gram.shape[0]
         gram = gram.detach().to(torch.float64)
         eye = torch.eye(k, dtype=torch.float64, device=gram.device)
@@ -181,12 +176,7 @@ class UpdateBalancer(ABC):
 def validate_gram(gram: Tensor) -> Tensor:
     """Check that ``gram`` is a finite square matrix with a non-negative diagonal; return it
     symmetrised, in float64."""
-    if not isinstance(gram, Tensor):
-        raise TypeError(f"the Gram matrix must be a torch.Tensor, got {type(gram).__name__}")
-    if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
-        raise ValueError(
-            f"the Gram matrix must be square K x K with K >= 1, got {tuple(gram.shape)}"
-        )
+    _check_shape(gram)
     gram = gram.detach().to(torch.float64)
     if not bool(torch.isfinite(gram).all()):
         raise ValueError(
@@ -200,3 +190,13 @@ def validate_gram(gram: Tensor) -> Tensor:
             f"<d_k, d_k> >= 0: got {diagonal.tolist()}"
         )
     return 0.5 * (gram + gram.T)
+
+
+def _check_shape(gram: object) -> None:
+    """A tensor of shape K x K with K >= 1 (checked on the host: shapes need no synchronisation)."""
+    if not isinstance(gram, Tensor):
+        raise TypeError(f"the Gram matrix must be a torch.Tensor, got {type(gram).__name__}")
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
+        raise ValueError(
+            f"the Gram matrix must be square K x K with K >= 1, got {tuple(gram.shape)}"
+        )

@@ -44,4 +44,4 @@ class EqualMagnitude(UpdateBalancer):
         return alpha / total
 
     def device_raw_weights(self, gram: Tensor, active: Tensor) -> Tensor:
-        return equal_projection_weights(gram, active)
+        return equal_projection_weights(gram, active, EXACT_RTOL)

@@ -55,11 +55,6 @@ class Fixed(UpdateBalancer):
     def device_raw_weights(self, gram: Tensor, active: Tensor) -> Tensor:
         # Copied to the device once per set of weights (a host-to-device copy), then reused.
         key = (gram.device, tuple(self.weights))
-        if key not in self._on_device:
-            self._on_device.clear()
-            self._on_device[key] = self.raw_weights(gram)  # (checks the number of tasks)
-        if gram.shape[0] != len(self.weights):
-            raise ValueError(
-                f"Fixed was given {len(self.weights)} weights but there are {gram.shape[0]} tasks"
-            )
+        if key not in self._on_device or gram.shape[0] != len(self.weights):
+            self._on_device = {key: self.raw_weights(gram)}  # (raises on a wrong number of tasks)
         return self._on_device[key]

@@ -89,6 +89,15 @@ def test_pareto_rank_deficient_same_rule_as_the_host(spec: GramSpec):
     np.testing.assert_allclose(device * math.sqrt(scale), host * math.sqrt(scale), atol=1e-5)
 
 
+def test_ridge_ladder_built_on_the_device_is_the_documented_one():
+    # Built from arange/pow on the device (a tensor from Python floats would be a copy from the
+    # host); it must equal NASH_RIDGES, i.e. 0 then the host solver's ladder 1e-8 * 100^i.
+    from pub_optim.solvers import device
+
+    ladder = device._ridges_on(torch.eye(2, dtype=torch.float64))
+    assert ladder.tolist() == list(device.NASH_RIDGES)
+
+
 def test_pareto_hardest_sampled_case_converges_within_the_fixed_iterations():
     # 16 colinear updates (rank 1): no Nash point, and the ridge the host accepts takes it 59
     # Newton iterations (the most over 1,400 sampled and conflicting matrices). The device
