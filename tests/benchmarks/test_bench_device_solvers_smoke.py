@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_device_solvers.py"
+from bench_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_device_solvers", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_device_solvers"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_device_solvers")
 
 
 def test_counter_counts_kernels_not_views(bench: ModuleType) -> None:
