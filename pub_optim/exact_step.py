@@ -152,12 +152,10 @@ class ExactStepEngine:
         task_grads: list[Tensor],
         weights: Tensor,
         keep: Tensor | None = None,
-        space: Literal["update", "gradient"] | None = None,
     ) -> None:
         """The eager apply pass. ``keep``: a 0-d bool tensor; where it is False the parameters and
         their state keep their values (decided on the device: each block's values are saved
-        before the commit and selected after it). ``space``: overrides the engine's."""
-        space = space or self.space
+        before the commit and selected after it)."""
         scratch: Tensor | None = None
         for ctx, buf in zip(contexts, task_grads, strict=True):
             k = buf.shape[0]
@@ -168,7 +166,7 @@ class ExactStepEngine:
                 hi = min(lo + chunk, flat.shape[1])
                 block = flat[:, lo:hi]
                 combined = alpha @ block
-                rows = k if space == "update" else 1
+                rows = k if self.space == "update" else 1
                 if (
                     scratch is None
                     or scratch.dtype != flat.dtype
@@ -177,7 +175,7 @@ class ExactStepEngine:
                 ):
                     scratch = flat.new_empty((rows, min(chunk, flat.shape[1])))
                 out = scratch[:, : hi - lo]
-                if space == "update":
+                if self.space == "update":
                     self.transform.lookahead(ctx, lo, hi, block, out)
                     update = alpha @ out
                 else:
@@ -185,13 +183,19 @@ class ExactStepEngine:
                     update = out[0]
                 if keep is None:
                     self.transform.commit(ctx, lo, hi, combined, update)
-                    continue
-                saved = {name: ctx.view(name, lo, hi).clone() for name in ctx.flat}
-                self.transform.commit(ctx, lo, hi, combined, update)
-                for name, before in saved.items():
-                    view = ctx.view(name, lo, hi)
-                    view.copy_(torch.where(keep, view, before))
+                else:
+                    self._commit_where(keep, ctx, lo, hi, combined, update)
             self.transform.finish(ctx)
+
+    def _commit_where(
+        self, keep: Tensor, ctx: ParamContext, lo: int, hi: int, grad: Tensor, update: Tensor
+    ) -> None:
+        """Commit columns ``lo:hi``, then put back their old values where ``keep`` is False."""
+        saved = {name: ctx.view(name, lo, hi).clone() for name in ctx.flat}
+        self.transform.commit(ctx, lo, hi, grad, update)
+        for name, before in saved.items():
+            view = ctx.view(name, lo, hi)
+            view.copy_(torch.where(keep, view, before))
 
     def apply_fused(
         self,

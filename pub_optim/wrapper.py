@@ -781,7 +781,7 @@ class PUB(torch.optim.Optimizer):
             own = [self._transform.begin(p, group_of[id(p)]) for p in nonshared]
             grads = [p.grad.unsqueeze(0) for p in nonshared]  # type: ignore[union-attr]
             one = torch.ones(1, dtype=torch.float64, device=device)
-            engine.apply_eager(own, grads, one, keep=ok, space="update")
+            engine.apply_eager(own, grads, one, keep=ok)  # one task: either space is the plain step
         self._weights = weights
         self.last_step_skipped = ~ok
         self._losses_finite = None
