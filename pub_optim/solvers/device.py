@@ -237,9 +237,8 @@ def equal_projection_weights(gram: Tensor, active: Tensor, exact_rtol: float) ->
     pseudo-inverse one as the ridge vanishes; on a singular ``G`` the two can differ along the
     null space of ``G``, which does not change the joint update). Same fallback rule as the host
     strategy: equal weights where no exact solution (mismatch within ``exact_rtol`` of the
-    largest norm) with a positive sum exists. The sums run
-    over the ``active`` tasks only (an inactive task's unit row gets weight ~1, set to zero by
-    the caller).
+    largest norm) with a positive sum exists. The sums run over the ``active`` tasks only (an
+    inactive task's unit row gets weight ~1, set to zero by the caller).
     """
     k = gram.shape[-1]
     norms = torch.sqrt(torch.diagonal(gram))

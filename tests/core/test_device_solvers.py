@@ -99,9 +99,9 @@ def test_ridge_ladder_built_on_the_device_is_the_documented_one():
 
 
 def test_pareto_hardest_sampled_case_converges_within_the_fixed_iterations():
-    # 16 colinear updates (rank 1): no Nash point, and the ridge the host accepts takes it 59
-    # Newton iterations (the most over 1,400 sampled and conflicting matrices). The device
-    # solver's fixed count must cover it: with 45 iterations its weights differ completely.
+    # 16 colinear updates (rank 1): no Nash point, and the ridge the host accepts takes it 60
+    # Newton solves (the most over 1,400 sampled and conflicting matrices). The device solver's
+    # fixed count must cover it: with 45 iterations its weights differ completely.
     gram = torch.from_numpy(sample_gram(16, 1, 1.0, seed=3))
     balancer = Pareto()
     np.testing.assert_allclose(
