@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .wrapper import GradientView
+from .wrapper import GradientView, task_sum
 
 __all__ = ["GradientAllReduce", "SyncStats", "is_distributed"]
 
@@ -162,10 +162,7 @@ class GradientAllReduce:
                 continue  # no rank reached it: zeros everywhere, stays inactive
             torch.div(summed[i], world, out=buf)
             view.reached[i] = True
-            if p.grad is None:
-                p.grad = buf.sum(0)
-            else:
-                torch.sum(buf, 0, out=p.grad)
+            p.grad = task_sum(buf, out=p.grad)
         _assign(others, summed[n_shared:], flags[n_shared:], world)
 
     def _sync_flat(self, params: Sequence[Tensor], world: int, extra: Tensor | None) -> None:

@@ -11,6 +11,7 @@ fails. :class:`pub_optim.PUB` owns one engine and decides what to solve and when
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -28,6 +29,37 @@ FUSED_AUTO_MIN_VALUES = 1 << 20
 #: On the fused path, tensors with fewer values per task than this are concatenated (one kernel
 #: call per set of equal hyper-parameters instead of one per bias).
 FUSED_MIN_TENSOR = 1 << 14
+
+
+class TaskGrads:
+    """The per-task gradients of one step's shared parameters, as the engine reads them.
+
+    Per parameter: one ``[K, *shape]`` buffer, or the K tensors that autograd returned, kept as
+    they are (the compiled kernels read them in place, so :meth:`pub_optim.PUB.backward` copies
+    nothing). :meth:`stacked` builds the buffer on demand, for the eager blocks.
+    """
+
+    def __init__(self, parts: Sequence[Tensor | Sequence[Tensor]]) -> None:
+        self._parts: list[Tensor | Sequence[Tensor]] = list(parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def rows(self, i: int) -> Sequence[Tensor]:
+        """Parameter ``i``'s K per-task gradients (views of the rows of a buffer)."""
+        part = self._parts[i]
+        return part.unbind(0) if isinstance(part, Tensor) else part
+
+    def stacked(self, i: int) -> Tensor:
+        """Parameter ``i``'s ``[K, *shape]`` buffer (stacked once, on the first call)."""
+        part = self._parts[i]
+        if not isinstance(part, Tensor):
+            part = torch.stack(list(part))
+            self._parts[i] = part
+        return part
+
+    def all_stacked(self, indices: Sequence[int] | None = None) -> list[Tensor]:
+        return [self.stacked(i) for i in (range(len(self)) if indices is None else indices)]
 
 
 class ExactStepEngine:
@@ -56,46 +88,50 @@ class ExactStepEngine:
         self.fused = fused
         self.fused_failed = False
 
-    def fused_enabled(self, task_grads: list[Tensor]) -> bool:
+    def fused_enabled(self, params: Sequence[Tensor], num_tasks: int) -> bool:
+        """Whether a step over these shared parameters with ``num_tasks`` tasks runs the compiled
+        kernels."""
         if self.fused is False or self.fused_failed or self.space != "update":
             return False
-        if not hasattr(self.transform, "fused_operands") or not task_grads:
+        if not hasattr(self.transform, "fused_operands") or not params:
             return False
         if self.fused is None:
-            if any(t.device.type != "cpu" for t in task_grads):
+            if any(p.device.type != "cpu" for p in params):
                 return False
-            return sum(t.numel() for t in task_grads) >= FUSED_AUTO_MIN_VALUES
+            return num_tasks * sum(p.numel() for p in params) >= FUSED_AUTO_MIN_VALUES
         return True
 
     def fused_items(
-        self, contexts: list[ParamContext], task_grads: list[Tensor]
+        self, contexts: list[ParamContext], task_grads: TaskGrads
     ) -> list[FusedItem] | None:
         """The compiled kernels' calls of this step (``None``: the eager path)."""
-        if not self.fused_enabled(task_grads):
+        if not len(task_grads):
+            return None
+        rows = [task_grads.rows(i) for i in range(len(task_grads))]
+        if not self.fused_enabled([r[0] for r in rows], len(rows[0])):
             return None
         transform: Any = self.transform
         return kernels.batch(
-            [buf.view(buf.shape[0], -1) for buf in task_grads],
-            [transform.fused_operands(ctx) for ctx in contexts],
-            FUSED_MIN_TENSOR,
+            rows, [transform.fused_operands(ctx) for ctx in contexts], FUSED_MIN_TENSOR
         )
 
     def gram(
         self,
         contexts: list[ParamContext],
-        task_grads: list[Tensor],
+        task_grads: TaskGrads,
         k: int,
         items: list[FusedItem] | None = None,
     ) -> Tensor:
         """``G = [<d_i, d_j>]`` in float64: the compiled kernel over ``items`` when given (and
         working), else eager cache-sized blocks, each a look-ahead into a ``K x chunk`` scratch
         and a float32 matrix product added into ``G``."""
-        device = task_grads[0].device if task_grads else torch.device("cpu")
+        device = task_grads.rows(0)[0].device if len(task_grads) else torch.device("cpu")
         gram = torch.zeros((k, k), dtype=torch.float64, device=device)
         if items is not None and self._gram_fused(items, gram):
             return gram
+        buffers = task_grads.all_stacked()
         scratch: Tensor | None = None
-        for ctx, buf in zip(contexts, task_grads, strict=True):
+        for ctx, buf in zip(contexts, buffers, strict=True):
             flat = buf.view(k, -1)
             chunk = self._chunk(flat)
             for lo in range(0, flat.shape[1], chunk):
@@ -135,7 +171,7 @@ class ExactStepEngine:
     def apply(
         self,
         contexts: list[ParamContext],
-        task_grads: list[Tensor],
+        task_grads: TaskGrads,
         weights: Tensor,
         items: list[FusedItem] | None,
     ) -> None:
@@ -144,7 +180,7 @@ class ExactStepEngine:
         if items is not None and not self.fused_failed:
             self.apply_fused(contexts, task_grads, weights, items)
         else:
-            self.apply_eager(contexts, task_grads, weights)
+            self.apply_eager(contexts, task_grads.all_stacked(), weights)
 
     def apply_eager(
         self,
@@ -200,12 +236,12 @@ class ExactStepEngine:
     def apply_fused(
         self,
         contexts: list[ParamContext],
-        task_grads: list[Tensor],
+        task_grads: TaskGrads,
         weights: Tensor,
         items: list[FusedItem],
     ) -> None:
         for n, item in enumerate(items):
-            alpha = weights.to(device=item.grads.device, dtype=item.grads.dtype)
+            alpha = weights.to(device=item.grads[0].device, dtype=item.grads[0].dtype)
             try:
                 kernels.adam_apply(item.grads, alpha, item.operands, item.constants)
             except Exception as exc:  # parameters are independent: the rest goes the eager way
@@ -217,9 +253,7 @@ class ExactStepEngine:
                     stacklevel=3,
                 )
                 self.fused_failed = True
-                self.apply_eager(
-                    [contexts[j] for j in rest], [task_grads[j] for j in rest], weights
-                )
+                self.apply_eager([contexts[j] for j in rest], task_grads.all_stacked(rest), weights)
                 return
             item.write_back()
             for i in item.indices:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .exact_step import ExactStepEngine
+from .exact_step import ExactStepEngine, TaskGrads
 from .partition import task_owners
 from .stats import BalanceStats
 from .strategies import StrategyLike, UpdateBalancer, get_strategy
@@ -65,6 +65,8 @@ class GradientView:
 
 
 GradientSync = Callable[[GradientView], None]
+#: A changed ``.grad`` to carry over: (its per-task gradients, their sum, the ``.grad`` now).
+_Changed = tuple[Tensor | list[Tensor | None], Tensor, Tensor]
 
 
 class PUB(torch.optim.Optimizer):
@@ -235,6 +237,9 @@ class PUB(torch.optim.Optimizer):
         self._owners: dict[int, list[int]] = {}
         self._by_task: list[list[Tensor]] | None = None
         self._task_grads: list[Tensor] = []
+        # Instead of the buffers when the step runs the compiled kernels: per shared parameter,
+        # each task's gradient as autograd returned it (None: the task did not reach it).
+        self._task_rows: list[list[Tensor | None]] | None = None
         self._reached: list[bool] = []
         # Per shared parameter: (id, version counter, norm) of its .grad after backward; the norm
         # is a float, or a 0-d device tensor with sync_free.
@@ -320,6 +325,7 @@ class PUB(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._pending = None
+        self._task_rows = None
         self._losses_finite = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -461,6 +467,7 @@ class PUB(torch.optim.Optimizer):
         self._owners = owners
         self._by_task = None
         self._task_grads = []
+        self._task_rows = None
 
     def _nonshared_by_task(self) -> list[list[Tensor]]:
         """Per task, the non-shared parameters its loss reaches (computed with the partition)."""
@@ -507,14 +514,14 @@ class PUB(torch.optim.Optimizer):
         num_tasks = len(losses)
         first = self._pending is None
         if first:
-            if len(self._task_grads) != len(shared) or (
-                self._task_grads and self._task_grads[0].shape[0] != num_tasks
-            ):
-                self._task_grads = [
-                    torch.empty((num_tasks, *p.shape), dtype=p.dtype, device=p.device)
-                    for p in shared
-                ]
             self._reached = [False] * len(shared)
+            if self._keeps_rows(num_tasks):
+                self._task_rows = [[None] * num_tasks for _ in shared]
+            else:
+                self._task_rows = None
+                self._allocate_buffers(num_tasks)
+        elif self._task_rows is not None:
+            self._stack_rows()  # accumulating into them: one buffer per parameter from now on
         by_task = self._nonshared_by_task()
         for k, loss in enumerate(losses):
             inputs = list(shared) + by_task[k]
@@ -529,14 +536,52 @@ class PUB(torch.optim.Optimizer):
             )
         if first:
             # .grad of a shared parameter: this backward's sum over tasks, one pass over K x P.
-            for p, buf, reached in zip(shared, self._task_grads, self._reached, strict=True):
+            for i, (p, reached) in enumerate(zip(shared, self._reached, strict=True)):
                 if not reached:
                     continue
+                total = (
+                    task_sum(self._task_grads[i])
+                    if self._task_rows is None
+                    else _sum_rows(self._task_rows[i])
+                )
                 if p.grad is None:
-                    p.grad = buf.sum(0)
+                    p.grad = total
                 else:
-                    p.grad.add_(buf.sum(0))
+                    p.grad.add_(total)
         self._pending = "full"
+
+    def _keeps_rows(self, num_tasks: int) -> bool:
+        """Whether this backward keeps each task's gradients as autograd returned them, instead of
+        copying them into ``[K, *shape]`` buffers: when the step reads them with the compiled
+        kernels, and no ``gradient_sync`` hook needs the buffers."""
+        if self.sync_free or self.gradient_sync is not None or self._engine is None:
+            return False
+        assert self._shared is not None
+        return self._engine.fused_enabled(self._shared, num_tasks)
+
+    def _allocate_buffers(self, num_tasks: int) -> None:
+        """The ``[K, *p.shape]`` per-task buffers (kept from step to step while K is the same)."""
+        assert self._shared is not None
+        if len(self._task_grads) != len(self._shared) or (
+            self._task_grads and self._task_grads[0].shape[0] != num_tasks
+        ):
+            self._task_grads = [
+                torch.empty((num_tasks, *p.shape), dtype=p.dtype, device=p.device)
+                for p in self._shared
+            ]
+
+    def _stack_rows(self) -> None:
+        """Copy the kept per-task gradients into the buffers (zeros where a task did not reach a
+        parameter) and drop them."""
+        assert self._task_rows is not None and self._shared is not None
+        self._allocate_buffers(len(self._task_rows[0]))
+        for buf, rows in zip(self._task_grads, self._task_rows, strict=True):
+            for row, g in zip(buf, rows, strict=True):
+                if g is None:
+                    row.zero_()
+                else:
+                    row.copy_(g)
+        self._task_rows = None
 
     def _store_task_grads(
         self,
@@ -545,11 +590,17 @@ class PUB(torch.optim.Optimizer):
         grads: Sequence[Tensor | None],
         first: bool,
     ) -> None:
-        """Task ``k``'s gradients: shared ones into row ``k`` of the per-task buffers (added to
-        ``.grad`` too when accumulating), the task's own parameters into ``.grad``."""
+        """Task ``k``'s gradients: shared ones kept (row ``k`` of the per-task buffers, or the
+        tensor itself; added to ``.grad`` too when accumulating), the task's own parameters into
+        ``.grad``."""
         assert self._shared is not None
         num_shared = len(self._shared)
         for i, (p, g) in enumerate(zip(self._shared, grads[:num_shared], strict=True)):
+            if self._task_rows is not None:
+                # Never written in place (a rescale replaces it), so it may alias anything.
+                self._task_rows[i][k] = g
+                self._reached[i] = self._reached[i] or g is not None
+                continue
             row = self._task_grads[i][k]
             if g is None:
                 if first:
@@ -616,10 +667,10 @@ class PUB(torch.optim.Optimizer):
         solve = self._weights is None or self._step_count % self.solve_every == 0
         num_tasks = len(self._task_names)
         params = [self._shared[i] for i in active]
-        task_grads = [self._task_grads[i] for i in active]
+        task_grads = self._step_task_grads(active)
         nonshared = self._nonshared_with_grad()
         if self._transform is None:
-            self._generic_step(params, task_grads, nonshared, solve)
+            self._generic_step(params, task_grads.all_stacked(), nonshared, solve)
             return
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         contexts = [self._transform.begin(p, group_of[id(p)]) for p in params]
@@ -627,9 +678,14 @@ class PUB(torch.optim.Optimizer):
         assert engine is not None
         if self.sync_free:
             assert grads_finite is not None
-            self._sync_free_step(contexts, task_grads, nonshared, group_of, solve, grads_finite)
+            self._sync_free_step(
+                contexts, task_grads.all_stacked(), nonshared, group_of, solve, grads_finite
+            )
             return
         items = engine.fused_items(contexts, task_grads)
+        if items is None and self._task_rows is not None:  # eager after all: it reads buffers
+            self._stack_rows()
+            task_grads = self._step_task_grads(active)
         gram: Tensor | None = None
         if solve:
             gram = engine.gram(contexts, task_grads, num_tasks, items)
@@ -644,6 +700,24 @@ class PUB(torch.optim.Optimizer):
         self._step_nonshared(nonshared)
         self._weights = weights
         self._finish_step(solved=solve, gram=gram)
+
+    def _step_task_grads(self, active: list[int]) -> TaskGrads:
+        """The active parameters' per-task gradients: the kept tensors (zeros for a task that did
+        not reach the parameter), or the buffers."""
+        if self._task_rows is None:
+            return TaskGrads([self._task_grads[i] for i in active])
+        assert self._shared is not None
+        parts: list[list[Tensor]] = []
+        for i in active:
+            zeros: Tensor | None = None
+            rows: list[Tensor] = []
+            for g in self._task_rows[i]:
+                if g is None:
+                    zeros = torch.zeros_like(self._shared[i]) if zeros is None else zeros
+                    g = zeros
+                rows.append(g)
+            parts.append(rows)
+        return TaskGrads(parts)
 
     def _unscale_for_grad_scaler(self) -> Tensor | None:
         """Under ``torch.amp.GradScaler.step`` with ``sync_free``: divide every ``.grad`` by the
@@ -687,15 +761,18 @@ class PUB(torch.optim.Optimizer):
         assert isinstance(now, list)
         if not all(math.isfinite(n) for n in now):
             raise FloatingPointError(_NONFINITE_SHARED)
-        changed: list[tuple[Tensor, Tensor, Tensor]] = []
+        changed: list[_Changed] = []
         for i, norm in zip(active, now, strict=True):
             p = self._shared[i]
             mark = self._grad_marks[i]
             assert p.grad is not None
             if mark is not None and mark[:2] == (id(p.grad), p.grad._version) and norm == mark[2]:
                 continue
-            buf = self._task_grads[i]
-            changed.append((buf, buf.sum(0), p.grad))
+            if self._task_rows is None:
+                buf = self._task_grads[i]
+                changed.append((buf, task_sum(buf), p.grad))
+            else:
+                changed.append((self._task_rows[i], _sum_rows(self._task_rows[i]), p.grad))
         self._rescale_changed(changed)
         return None
 
@@ -703,14 +780,14 @@ class PUB(torch.optim.Optimizer):
         assert self._shared is not None and isinstance(now, Tensor | list)
         if isinstance(now, list):  # no active parameter
             return torch.ones((), dtype=torch.bool)
-        changed: list[tuple[Tensor, Tensor, Tensor]] = []
+        changed: list[_Changed] = []
         for j, i in enumerate(active):
             p = self._shared[i]
             mark = self._grad_marks[i]
             assert p.grad is not None
             buf = self._task_grads[i]
             if mark is None or mark[:2] != (id(p.grad), p.grad._version):
-                changed.append((buf, buf.sum(0), p.grad))
+                changed.append((buf, task_sum(buf), p.grad))
                 continue
             before, after = mark[2], now[j]
             assert isinstance(before, Tensor)
@@ -720,18 +797,23 @@ class PUB(torch.optim.Optimizer):
         return torch.isfinite(now).all()
 
     @staticmethod
-    def _rescale_changed(changed: list[tuple[Tensor, Tensor, Tensor]]) -> None:
-        """``g_k <- g_k * grad / sum_j g_j`` for each ``(buf, sum, grad)`` (no host reads)."""
+    def _rescale_changed(changed: list[_Changed]) -> None:
+        """``g_k <- g_k * grad / sum_j g_j`` for each ``(task gradients, sum, grad)`` (no host
+        reads). The task gradients are a buffer (scaled in place) or a list of kept tensors
+        (replaced: autograd's results may alias each other or other tensors)."""
         if not changed:
             return
         dots = torch.stack([(g.double() * t.double()).sum() for _, t, g in changed]).sum()
         norms = torch.stack([(t.double() * t.double()).sum() for _, t, _ in changed]).sum()
         uniform = torch.where(norms > 0, dots / torch.where(norms > 0, norms, 1.0), 1.0)
-        for buf, total, grad in changed:
+        for target, total, grad in changed:
             nonzero = total != 0
             factor = uniform.to(total.dtype)
             ratio = torch.where(nonzero, grad / torch.where(nonzero, total, 1), factor)
-            buf.mul_(ratio)
+            if isinstance(target, Tensor):
+                target.mul_(ratio)
+            else:
+                target[:] = [None if g is None else g * ratio for g in target]
 
     def _grad_norms_now(self, active: list[int]) -> Tensor | list[float]:
         """The norms of the shared ``.grad`` tensors now, to compare with the recorded ones (a
@@ -771,7 +853,7 @@ class PUB(torch.optim.Optimizer):
         gram: Tensor | None = None
         weights = previous
         if solve:
-            gram = engine.gram(contexts, task_grads, num_tasks)
+            gram = engine.gram(contexts, TaskGrads(task_grads), num_tasks)
             solved, valid = self.balancer.device_weights(gram)
             ok = ok & valid
             weights = torch.where(ok, solved, previous)
@@ -858,6 +940,7 @@ class PUB(torch.optim.Optimizer):
     def _finish_step(self, solved: bool, gram: Tensor | None = None) -> None:
         self._step_count += 1
         self._pending = None
+        self._task_rows = None
         assert self._task_names is not None
         if gram is not None and self._weights is not None:
             self.last_stats = BalanceStats.from_gram(
@@ -903,6 +986,29 @@ def split_task_losses(losses: object) -> tuple[tuple[str, ...], list[Any]] | Non
         values = list(losses)
         return tuple(f"task{k}" for k in range(len(values))), values
     return None
+
+
+def task_sum(task_grads: Tensor, out: Tensor | None = None) -> Tensor:
+    """``task_grads.sum(0)`` for a ``[K, *shape]`` buffer, as K - 1 additions of whole rows
+    (torch's reduction over the leading dimension takes about 3x as long at K = 2 on CPU)."""
+    rows = task_grads.unbind(0)
+    if len(rows) == 1:
+        return rows[0].clone() if out is None else out.copy_(rows[0])
+    total = rows[0] + rows[1] if out is None else torch.add(rows[0], rows[1], out=out)
+    for row in rows[2:]:
+        total.add_(row)
+    return total
+
+
+def _sum_rows(rows: Sequence[Tensor | None]) -> Tensor:
+    """The sum of the given per-task gradients, in a new tensor (at least one is given)."""
+    present = [g for g in rows if g is not None]
+    if len(present) == 1:
+        return present[0].clone()
+    total = present[0] + present[1]
+    for g in present[2:]:
+        total.add_(g)
+    return total
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -78,7 +78,7 @@ def _updates(
 
 
 def _gram_kernel(
-    g: Tensor,
+    g: Sequence[Tensor],
     m: Tensor,
     v: Tensor,
     vmax: Tensor | None,
@@ -87,14 +87,13 @@ def _gram_kernel(
     has_l2: bool,
     maximize: bool,
 ) -> Tensor:
-    d = _updates(g, m, v, vmax, theta, c, has_l2, maximize)
-    k = g.shape[0]
-    pairs = [(d[i].double() * d[j].double()).sum() for i in range(k) for j in range(i, k)]
-    return torch.stack(pairs)
+    d = [_updates(row, m, v, vmax, theta, c, has_l2, maximize).double() for row in g]
+    k = len(d)
+    return torch.stack([(d[i] * d[j]).sum() for i in range(k) for j in range(i, k)])
 
 
 def _apply_kernel(
-    g: Tensor,
+    g: Sequence[Tensor],
     m: Tensor,
     v: Tensor,
     vmax: Tensor | None,
@@ -106,15 +105,15 @@ def _apply_kernel(
     has_decay: bool,
 ) -> None:
     # The sums over tasks are unrolled (K is fixed per compiled copy, see _kernel): written as
-    # ``(alpha[:, None] * d).sum(0)``, Inductor makes them a reduction loop of their own and
-    # materialises ``u`` and ``g*`` (two more passes over n); unrolled, the whole step is one
-    # elementwise loop (3.4x faster at K = 2 on CPU, bit-identical).
+    # ``(alpha[:, None] * d).sum(0)`` over a ``[K, n]`` block, Inductor makes them a reduction
+    # loop of their own and materialises ``u`` and ``g*`` (two more passes over n); unrolled, the
+    # whole step is one elementwise loop (2-3x faster at K = 2 on CPU, bit-identical).
     update: Tensor | None = None
     combined: Tensor | None = None
-    for k in range(g.shape[0]):
-        d = _updates(g[k], m, v, vmax, theta, c, has_l2, maximize)
+    for k, row in enumerate(g):
+        d = _updates(row, m, v, vmax, theta, c, has_l2, maximize)
         update = alpha[k] * d if update is None else update + alpha[k] * d
-        combined = alpha[k] * g[k] if combined is None else combined + alpha[k] * g[k]
+        combined = alpha[k] * row if combined is None else combined + alpha[k] * row
     assert update is not None and combined is not None
     e = -combined if maximize else combined
     if has_l2:
@@ -223,14 +222,14 @@ class FusedItem:
     concatenated (one call instead of one per bias; :meth:`write_back` returns their state).
 
     Attributes:
-        grads: ``[K, n]`` per-task gradients.
+        grads: the K per-task gradients, each flat (``[n]``).
         operands: the state (or its concatenated copy) and constants.
         constants: ``operands.constants_tensor()`` (shared by the items of one step).
         indices: positions of the parameters it holds in the list given to :func:`batch`.
         sources: for a concatenated item, each member's own operands, in order.
     """
 
-    grads: Tensor
+    grads: list[Tensor]
     operands: AdamOperands
     constants: Tensor
     indices: list[int]
@@ -249,13 +248,17 @@ class FusedItem:
             torch._foreach_copy_(targets, list(packed.split(sizes)))
 
 
-def batch(grads: list[Tensor], operands: list[AdamOperands], min_values: int) -> list[FusedItem]:
+def batch(
+    grads: Sequence[Sequence[Tensor]], operands: list[AdamOperands], min_values: int
+) -> list[FusedItem]:
     """One item per parameter with at least ``min_values`` values per task; the smaller ones
     concatenated, one item per :meth:`AdamOperands.batch_key` (a kernel call costs ~0.1 ms of
-    guards, more than a bias's whole work)."""
+    guards, more than a bias's whole work). ``grads``: per parameter, its K per-task gradients
+    (any shape; they are read as flat rows, without a copy where they are contiguous)."""
     items: list[FusedItem] = []
     small: dict[tuple[Any, ...], list[int]] = {}
     tensors: dict[tuple[Any, ...], Tensor] = {}
+    rows = [[g.reshape(-1) for g in per_task] for per_task in grads]
 
     def constants(ops: AdamOperands) -> Tensor:
         key = (ops.constants(), ops.theta.dtype == torch.float64, ops.theta.device)
@@ -263,15 +266,15 @@ def batch(grads: list[Tensor], operands: list[AdamOperands], min_values: int) ->
             tensors[key] = ops.constants_tensor()
         return tensors[key]
 
-    for i, (g, ops) in enumerate(zip(grads, operands, strict=True)):
-        if g.shape[1] >= min_values:
+    for i, (g, ops) in enumerate(zip(rows, operands, strict=True)):
+        if g[0].numel() >= min_values:
             items.append(FusedItem(g, ops, constants(ops), [i]))
         else:
             small.setdefault(ops.batch_key(), []).append(i)
     for indices in small.values():
         first = operands[indices[0]]
         if len(indices) == 1:
-            items.append(FusedItem(grads[indices[0]], first, constants(first), indices))
+            items.append(FusedItem(rows[indices[0]], first, constants(first), indices))
             continue
         sources = [operands[i] for i in indices]
 
@@ -285,20 +288,28 @@ def batch(grads: list[Tensor], operands: list[AdamOperands], min_values: int) ->
             vmax=None if first.vmax is None else cat("vmax"),
             theta=cat("theta"),
         )
-        grads_joined = torch.cat([grads[i] for i in indices], 1)
+        num_tasks = len(rows[indices[0]])
+        grads_joined = [torch.cat([rows[i][k] for i in indices]) for k in range(num_tasks)]
         items.append(FusedItem(grads_joined, joined, constants(first), indices, sources))
     return items
 
 
-def adam_gram(grads: Tensor, operands: AdamOperands, constants: Tensor | None = None) -> Tensor:
+def _as_rows(grads: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """A ``[K, n]`` block as its K rows; K separate tensors as they are."""
+    return list(grads.unbind(0)) if isinstance(grads, Tensor) else list(grads)
+
+
+def adam_gram(
+    grads: Tensor | Sequence[Tensor], operands: AdamOperands, constants: Tensor | None = None
+) -> Tensor:
     """Packed upper triangle (row-major, float64) of the Gram matrix of one item's updates
-    (``grads``: ``[K, n]``; ``constants``: ``operands.constants_tensor()``, built if omitted)."""
-    kernel = _kernel(
-        "gram", _gram_kernel, operands.specialisation(grads.shape[0]), _RECOMPUTE_OPTIONS
-    )
+    (``grads``: ``[K, n]``, or K tensors of ``n`` values; ``constants``:
+    ``operands.constants_tensor()``, built if omitted)."""
+    rows = _as_rows(grads)
+    kernel = _kernel("gram", _gram_kernel, operands.specialisation(len(rows)), _RECOMPUTE_OPTIONS)
     if constants is None:
         constants = operands.constants_tensor()
-    return kernel(grads, *operands.tensors(), constants, operands.l2 != 0.0, operands.maximize)
+    return kernel(rows, *operands.tensors(), constants, operands.l2 != 0.0, operands.maximize)
 
 
 def unpack_gram(packed: Tensor, k: int) -> Tensor:
@@ -311,16 +322,21 @@ def unpack_gram(packed: Tensor, k: int) -> Tensor:
 
 
 def adam_apply(
-    grads: Tensor, alpha: Tensor, operands: AdamOperands, constants: Tensor | None = None
+    grads: Tensor | Sequence[Tensor],
+    alpha: Tensor,
+    operands: AdamOperands,
+    constants: Tensor | None = None,
 ) -> None:
-    """Weighted update and state advance of one item, in place (``alpha``: ``[K]``, the dtype
-    of ``grads``; ``constants`` as in :func:`adam_gram`)."""
-    kernel = _kernel("apply", _apply_kernel, operands.specialisation(grads.shape[0]))
+    """Weighted update and state advance of one item, in place (``grads`` as in
+    :func:`adam_gram`; ``alpha``: ``[K]``, the dtype of ``grads``; ``constants`` as in
+    :func:`adam_gram`)."""
+    rows = _as_rows(grads)
+    kernel = _kernel("apply", _apply_kernel, operands.specialisation(len(rows)))
     if constants is None:
         constants = operands.constants_tensor()
     m, v, vmax, theta = operands.tensors()
     kernel(
-        grads,
+        rows,
         m,
         v,
         vmax,

@@ -19,7 +19,7 @@ CONFIGS = {
 
 
 def _record_kernel_shapes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tuple[int, ...]]]:
-    """Wrap both compiled kernels to record the ``[K, n]`` shape of every call."""
+    """Wrap both compiled kernels to record ``(K, n)`` of every call (K rows of n values)."""
     from pub_optim.transforms import fused as kernels
 
     calls: dict[str, list[tuple[int, ...]]] = {"adam_apply": [], "adam_gram": []}
@@ -27,7 +27,10 @@ def _record_kernel_shapes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tup
         compiled = getattr(kernels, kernel)
 
         def recording(*args: object, _name: str = kernel, _fn: object = compiled) -> object:
-            calls[_name].append(tuple(args[0].shape))  # type: ignore[attr-defined]
+            rows = args[0]
+            assert isinstance(rows, list) and all(isinstance(r, torch.Tensor) for r in rows)
+            assert len({r.shape for r in rows}) == 1 and rows[0].dim() == 1
+            calls[_name].append((len(rows), rows[0].numel()))
             return _fn(*args)  # type: ignore[operator]
 
         monkeypatch.setattr(kernels, kernel, recording)
@@ -189,7 +192,8 @@ def test_auto_mode_stays_eager_for_small_models() -> None:
     assert opt.fused is None
     x, y = batch(0)
     opt.backward(model.losses(x, y))
-    assert opt._engine is not None and not opt._engine.fused_enabled(opt._task_grads)
+    assert opt._engine is not None and not opt._engine.fused_enabled(opt.shared_params, 2)
+    assert opt._task_rows is None  # the eager path: the per-task buffers
 
 
 @pytest.mark.parametrize("failing", [("adam_gram", "adam_apply"), ("adam_gram",)])

@@ -72,9 +72,17 @@ class WideMultiTask(nn.Module):
 
 
 @pytest.mark.parametrize("k", [2, 4])
-@pytest.mark.parametrize("space", ["update", "gradient"])
+@pytest.mark.parametrize(
+    ("space", "fused"),
+    [
+        ("update", False),
+        ("gradient", False),
+        # The compiled path keeps autograd's per-task gradients instead of copying them.
+        pytest.param("update", True, marks=pytest.mark.slow),
+    ],
+)
 def test_peak_extra_memory_at_most_k_plus_one_shared_copies(
-    k: int, space: str, tmp_path: Path
+    k: int, space: str, fused: bool, tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
     template = WideMultiTask(k)
@@ -99,20 +107,28 @@ def test_peak_extra_memory_at_most_k_plus_one_shared_copies(
             torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False),
             space=space,  # type: ignore[arg-type]
             chunk_size=4096,
+            fused=fused,
         )
         for _ in range(3):
             opt.zero_grad()
             opt.backward(model(x))
+            assert (opt._task_rows is not None) == fused  # the kept gradients, or the buffers
             opt.step()
 
+    if fused:  # compile the kernels outside the measured runs
+        balanced()
     extra = peak_bytes(balanced, tmp_path) - peak_bytes(plain, tmp_path)
-    # Issue 2 bounds the extra at K + 1 shared copies. PUB keeps K per-task gradient buffers; all
-    # it allocates on top (one task's gradients while they are copied into the buffers, the
-    # K x chunk look-ahead scratch) is transient and must stay under half a copy here. Keeping a
+    # Issue 2 bounds the extra at K + 1 shared copies. PUB keeps K per-task gradients (buffers, or
+    # autograd's tensors on the compiled path); all it allocates on top (one task's gradients
+    # while they are copied into the buffers, the K x chunk look-ahead scratch, the compiled
+    # kernels' results) is transient and must stay under half a copy here. Keeping a
     # task's gradient tuple alive through the next backward pass (a past regression) gives ~K + 0.8.
     assert extra <= (k + 0.5) * shared_bytes, (
         f"PUB's peak is {extra / shared_bytes:.2f} x the shared parameters above plain Adam "
         f"(K buffers + transients; expected <= K + 0.5 = {k + 0.5}, issue bound K + 1)"
     )
-    # The K per-task gradient buffers themselves are needed: the measure sees them.
-    assert extra >= 0.9 * k * shared_bytes
+    # The K per-task gradients themselves are needed: the measure sees them. On the compiled
+    # path they are the only extra (its kernels allocate nothing of the parameters' size), so
+    # plain Adam's own step temporaries (``foreach=False``: a few per-parameter tensors, one
+    # layer = 1/8 of the shared size here) come off it: 1.79 copies measured at K = 2.
+    assert extra >= (k - 0.5 if fused else 0.9 * k) * shared_bytes
