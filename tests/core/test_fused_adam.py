@@ -77,6 +77,53 @@ def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None
     _assert_same_training_state(models, (eager, fused))
 
 
+def test_kept_task_gradients_match_the_buffers_through_clipping_and_accumulation() -> None:
+    """The compiled path keeps autograd's per-task gradients instead of copying them into
+    ``[K, *shape]`` buffers. Every way they can change between backward and step gives exactly
+    (bit for bit) what the same kernels give on buffers: norm and value clipping (carried over by
+    replacing the kept tensors), a second ``backward`` before the step (stacked into buffers,
+    then accumulated), and a shared parameter that some tasks do not reach (zeros). The buffers
+    are forced by a ``gradient_sync`` hook that does nothing (a hook gets the buffers)."""
+    models = (TwoTower(3, width=160), TwoTower(3, width=160))
+
+    def make(model: TwoTower, **kwargs: object) -> PUB:
+        return PUB(
+            torch.optim.Adam(model.parameters(), lr=1e-2),
+            # head 0 is reached by task 0 only
+            shared_params=[*model.trunk.parameters(), *model.heads[0].parameters()],
+            fused=True,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    buffered = make(models[0], gradient_sync=lambda view: None)
+    kept = make(models[1])
+    for step in range(6):
+        for model, opt in zip(models, (buffered, kept), strict=True):
+            opt.zero_grad()
+            x, y = batch(step, 3)
+            opt.backward(model.losses(x, y))
+            if opt is kept:
+                assert opt._task_rows is not None and opt._task_rows[4][1] is None
+            else:
+                assert opt._task_rows is None
+            if step % 3 == 1:  # accumulate a second batch
+                x, y = batch(100 + step, 3)
+                opt.backward(model.losses(x, y))
+                assert opt._task_rows is None
+            if step % 2 == 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            if step == 3:
+                torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3)
+            opt.step()
+            assert opt._engine is not None and not opt._engine.fused_failed
+        assert torch.equal(kept.weights, buffered.weights)  # type: ignore[arg-type]
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+    for key, state in buffered.optimizer.state_dict()["state"].items():
+        other = kept.optimizer.state_dict()["state"][key]
+        assert all(torch.equal(other[name], value) for name, value in state.items())
+
+
 def test_fused_batches_small_tensors_per_param_group(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small tensors share a kernel call only with tensors of the same hyper-parameters: two
     param groups with different lr and betas give two batches, and the result equals the eager
