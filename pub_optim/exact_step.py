@@ -1,7 +1,7 @@
 """The elementwise work of one balanced step with an exact look-ahead transform.
 
 Yuan, Cai, Dong, arXiv:2410.05806, steps 2-6: over the shared parameters' per-task gradients
-``[K, *p.shape]``, the Gram matrix of the look-ahead updates (``space="update"``) or of the
+(:class:`TaskGrads`), the Gram matrix of the look-ahead updates (``space="update"``) or of the
 gradients (``space="gradient"``), then the weighted update and the state advance. Eager, in
 cache-sized column blocks, for every transform; compiled (:mod:`pub_optim.transforms.fused`) for
 Adam/AdamW when ``fused`` allows it, falling back to the eager path with a warning if a kernel
@@ -59,11 +59,12 @@ class TaskGrads:
         return part
 
     def all_stacked(self, indices: Sequence[int] | None = None) -> list[Tensor]:
+        """:meth:`stacked` of the given parameters (default: all)."""
         return [self.stacked(i) for i in (range(len(self)) if indices is None else indices)]
 
 
 class ExactStepEngine:
-    """Gram matrix and weighted apply over per-task gradient buffers, for one transform.
+    """Gram matrix and weighted apply over the per-task gradients, for one transform.
 
     Args:
         transform: the wrapped optimizer's exact look-ahead transform.

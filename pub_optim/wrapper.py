@@ -526,8 +526,9 @@ class PUB(torch.optim.Optimizer):
         for k, loss in enumerate(losses):
             inputs = list(shared) + by_task[k]
             keep = retain_graph or k < num_tasks - 1
-            # The gradient tuple lives only for the call: it is freed before the next task's
-            # backward pass (else two tasks' gradients are alive then, on top of the K buffers).
+            # The gradient tuple lives only for the call (what is kept of it: the shared
+            # parameters' gradients, copied into the buffers or kept as they are): it is freed
+            # before the next task's backward pass.
             self._store_task_grads(
                 k,
                 by_task[k],

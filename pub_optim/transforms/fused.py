@@ -64,9 +64,8 @@ def _updates(
     has_l2: bool,
     maximize: bool,
 ) -> Tensor:
-    """``d_k`` for a ``[K, n]`` block, or for one task's ``[n]`` row (see
-    ``AdamTransform.lookahead`` for the folded constants; ``c`` holds them, 0-d entries that do
-    not promote the block's dtype)."""
+    """``d_k`` for task ``k``'s gradient ``g`` (``[n]``; see ``AdamTransform.lookahead`` for the
+    folded constants; ``c`` holds them, 0-d entries that do not promote ``g``'s dtype)."""
     e = -g if maximize else g
     if has_l2:
         e = e + c[L2] * theta
