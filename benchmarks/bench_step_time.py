@@ -1035,9 +1035,11 @@ def write_report(
         lines += memory_table(res, methods, itemsize)
         lines += [
             "",
-            f"Analytic: PUB's persistent per-task buffers (`_task_grads`) are K x P x 4 bytes = "
-            f"{res.k * res.shared_numel * itemsize / 2**20:.1f} MiB; the chunked scratch is "
-            "K x 65536 floats per buffer.",
+            f"Analytic: PUB's K per-task gradients are K x P x {itemsize} bytes = "
+            f"{res.k * res.shared_numel * itemsize / 2**20:.1f} MiB. On the compiled path "
+            "(update space, `fused` on) they are the tensors autograd returned, alive from "
+            "`backward` to the end of `step`; on the eager path they are persistent "
+            "`[K, *shape]` buffers, plus a scratch of K x 65536 values per buffer.",
             "",
         ]
         if res.sync:
