@@ -673,6 +673,7 @@ class PUB(torch.optim.Optimizer):
         if self._transform is None:
             self._generic_step(params, task_grads.all_stacked(), nonshared, solve)
             return
+        self._check_contiguous(params + nonshared if self.sync_free else params)
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         contexts = [self._transform.begin(p, group_of[id(p)]) for p in params]
         engine = self._engine
@@ -923,6 +924,19 @@ class PUB(torch.optim.Optimizer):
         finally:
             for p, g in zip(self._shared, hidden, strict=True):
                 p.grad = g
+
+    def _check_contiguous(self, params: list[Tensor]) -> None:
+        """The exact look-ahead works on flat views of each parameter and its state: refuse a
+        non-contiguous layout (``channels_last``) before anything is touched."""
+        for p in params:
+            if not p.is_contiguous():
+                raise ValueError(
+                    f"PUB's exact {type(self.optimizer).__name__} look-ahead needs contiguous "
+                    f"parameters, and one of shape {tuple(p.shape)} has strides {p.stride()} "
+                    "(channels_last?): convert the model with "
+                    "model.to(memory_format=torch.contiguous_format) before building the "
+                    "optimizer. Nothing was changed."
+                )
 
     def _raise_if_nonfinite(self, gram: Tensor) -> None:
         if not bool(torch.isfinite(gram).all()):

@@ -129,6 +129,64 @@ def test_non_finite_gradient_skips_the_step_and_changes_nothing(
     assert torch.equal(pub.weights, weights)  # type: ignore[arg-type]
 
 
+class _ConvTwoTask(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(2))
+
+    def losses(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = self.conv(x).mean((2, 3))
+        return [head(z).pow(2).mean() for head in self.heads]
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+    ],
+    ids=["adam", "sgd-momentum"],
+)
+def test_channels_last_parameters_are_refused_by_the_exact_path(
+    factory: object, sync_free: bool
+) -> None:
+    """The exact look-ahead reads flat views of each parameter: a ``channels_last`` convolution
+    gets a message that says what to do, after a step that worked, and nothing changes."""
+    model = _ConvTwoTask()
+    pub = PUB(factory(model.parameters()), sync_free=sync_free)  # type: ignore[operator]
+    x = torch.randn(4, 3, 8, 8)
+    pub.backward(model.losses(x))
+    pub.step()  # a contiguous model trains
+    model.to(memory_format=torch.channels_last)
+    assert not model.conv.weight.is_contiguous()
+    before = snapshot(model, pub.optimizer)
+    pub.zero_grad()
+    pub.backward(model.losses(x.to(memory_format=torch.channels_last)))
+    with pytest.raises(ValueError, match="contiguous_format"):
+        pub.step()
+    assert_unchanged(model, pub.optimizer, before)
+
+
+def test_channels_last_parameters_train_on_the_generic_path() -> None:
+    """The generic path (snapshot, step, restore) steps any layout: NAdam trains a
+    ``channels_last`` convolution, and matches the same model trained contiguous."""
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = _ConvTwoTask().to(memory_format=layout)
+        pub = PUB(torch.optim.NAdam(model.parameters(), lr=1e-2))
+        for step in range(3):
+            x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+            pub.zero_grad()
+            pub.backward(model.losses(x.to(memory_format=layout)))
+            pub.step()
+        results.append([p.detach().contiguous() for p in model.parameters()])
+    for p, q in zip(*results, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_step_without_backward_and_with_closure() -> None:
     model, pub = _trained()
     before = snapshot(model, pub)
