@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mtl_fixtures import TwoTower, assert_unchanged, batch, snapshot
+from mtl_fixtures import OptimizerFactory, TwoTower, assert_unchanged, batch, snapshot
 
 from pub_optim import PUB
 
@@ -151,12 +151,12 @@ class _ConvTwoTask(torch.nn.Module):
     ids=["adam", "sgd-momentum"],
 )
 def test_channels_last_parameters_are_refused_by_the_exact_path(
-    factory: object, sync_free: bool
+    factory: OptimizerFactory, sync_free: bool
 ) -> None:
     """The exact look-ahead reads flat views of each parameter: a ``channels_last`` convolution
     gets a message that says what to do, after a step that worked, and nothing changes."""
     model = _ConvTwoTask()
-    pub = PUB(factory(model.parameters()), sync_free=sync_free)  # type: ignore[operator]
+    pub = PUB(factory(list(model.parameters())), sync_free=sync_free)
     x = torch.randn(4, 3, 8, 8)
     pub.backward(model.losses(x))
     pub.step()  # a contiguous model trains
