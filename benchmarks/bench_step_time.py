@@ -1176,8 +1176,8 @@ def raw_results(results: list[KResult], cfg: Config, meta: dict[str, Any]) -> di
     }
 
 
-def from_json(path: Path, out: Path, name: str) -> Path:
-    """Rebuild the report and the chart from a saved ``.json`` (no measuring)."""
+def load_json(path: Path) -> tuple[Config, dict[str, Any], list[KResult]]:
+    """A saved run (:func:`raw_results`): its configuration, metadata and results."""
     data = json.loads(path.read_text())
     config = dict(data["config"])
     for key in ("trunk", "ks"):
@@ -1198,6 +1198,12 @@ def from_json(path: Path, out: Path, name: str) -> Path:
         )
         for r in data["results"]
     ]
+    return cfg, meta, results
+
+
+def from_json(path: Path, out: Path, name: str) -> Path:
+    """Rebuild the report and the chart from a saved ``.json`` (no measuring)."""
+    cfg, meta, results = load_json(path)
     measured = set(results[0].timings)
     shown = [
         m
