@@ -77,13 +77,20 @@ def test_fused_matches_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None
     _assert_same_training_state(models, (eager, fused))
 
 
-def test_kept_task_gradients_match_the_buffers_through_clipping_and_accumulation() -> None:
+@pytest.mark.parametrize(
+    ("solve_every", "between_solves"),
+    [(1, "weighted_gradient"), (3, "reuse_weights"), (3, "weighted_gradient")],
+)
+def test_kept_task_gradients_match_the_buffers_through_clipping_and_accumulation(
+    solve_every: int, between_solves: str
+) -> None:
     """The compiled path keeps autograd's per-task gradients instead of copying them into
     ``[K, *shape]`` buffers. Every way they can change between backward and step gives exactly
     (bit for bit) what the same kernels give on buffers: norm and value clipping (carried over by
     replacing the kept tensors), a second ``backward`` before the step (stacked into buffers,
-    then accumulated), and a shared parameter that some tasks do not reach (zeros). The buffers
-    are forced by a ``gradient_sync`` hook that does nothing (a hook gets the buffers)."""
+    then accumulated), and a shared parameter that some tasks do not reach (zeros); also with
+    ``solve_every`` (weights reused between solves, or the weighted backward). The buffers are
+    forced by a ``gradient_sync`` hook that does nothing (a hook gets the buffers)."""
     models = (TwoTower(3, width=160), TwoTower(3, width=160))
 
     def make(model: TwoTower, **kwargs: object) -> PUB:
@@ -92,17 +99,23 @@ def test_kept_task_gradients_match_the_buffers_through_clipping_and_accumulation
             # head 0 is reached by task 0 only
             shared_params=[*model.trunk.parameters(), *model.heads[0].parameters()],
             fused=True,
+            solve_every=solve_every,
+            between_solves=between_solves,  # type: ignore[arg-type]
             **kwargs,  # type: ignore[arg-type]
         )
 
     buffered = make(models[0], gradient_sync=lambda view: None)
     kept = make(models[1])
+    weighted_steps = 0
     for step in range(6):
         for model, opt in zip(models, (buffered, kept), strict=True):
             opt.zero_grad()
             x, y = batch(step, 3)
             opt.backward(model.losses(x, y))
-            if opt is kept:
+            if opt._pending == "weighted":  # between solves: no per-task gradients at all
+                assert opt._task_rows is None
+                weighted_steps += opt is kept
+            elif opt is kept:
                 assert opt._task_rows is not None and opt._task_rows[4][1] is None
             else:
                 assert opt._task_rows is None
@@ -117,6 +130,7 @@ def test_kept_task_gradients_match_the_buffers_through_clipping_and_accumulation
             opt.step()
             assert opt._engine is not None and not opt._engine.fused_failed
         assert torch.equal(kept.weights, buffered.weights)  # type: ignore[arg-type]
+    assert weighted_steps == (4 if (solve_every, between_solves) == (3, "weighted_gradient") else 0)
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(p, q)
     for key, state in buffered.optimizer.state_dict()["state"].items():
