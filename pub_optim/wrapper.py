@@ -670,8 +670,8 @@ class PUB(torch.optim.Optimizer):
         params = [self._shared[i] for i in active]
         task_grads = self._step_task_grads(active)
         nonshared = self._nonshared_with_grad()
-        if self._transform is None:
-            self._generic_step(params, task_grads.all_stacked(), nonshared, solve)
+        if self._transform is None or (self.space == "gradient" and not self.sync_free):
+            self._combined_step(params, task_grads.all_stacked(), nonshared, solve)
             return
         self._check_contiguous(params + nonshared if self.sync_free else params)
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
@@ -875,22 +875,22 @@ class PUB(torch.optim.Optimizer):
         assert self._shared is not None
         return self._shared[0].device
 
-    def _generic_step(
+    def _combined_step(
         self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool
     ) -> None:
+        """The step that hands the combined gradient ``sum_k alpha_k g_k`` to the wrapped
+        optimizer's own ``step()`` (one call, task-specific parameters included): the generic path
+        (update space: the snapshot look-ahead, then the shared parameters set to the weighted
+        update), and ``space="gradient"`` on every path but ``sync_free`` (the balanced gradient
+        is an ordinary gradient: exactly the optimizer's step on it, any optimizer)."""
         k = len(self._task_names or ())
-        look = GenericLookahead(self.optimizer, params)
-        updates: list[Tensor] | None = None
+        look = GenericLookahead(self.optimizer, params) if self.space == "update" else None
+        updates = None if look is None else look.updates(task_grads)
         gram: Tensor | None = None
-        if self.space == "update":
-            updates = look.updates(task_grads)
-            vectors = updates
-        else:
-            vectors = task_grads
         if solve:
             device = task_grads[0].device if task_grads else torch.device("cpu")
             gram = torch.zeros((k, k), dtype=torch.float64, device=device)
-            for v in vectors:
+            for v in task_grads if updates is None else updates:
                 flat = v.reshape(k, -1)
                 gram.add_(torch.mm(flat, flat.T))
             self._raise_if_nonfinite(gram)
@@ -899,13 +899,30 @@ class PUB(torch.optim.Optimizer):
             assert self._weights is not None
             weights = self._weights
         self._check_finite_grads(nonshared)
-        combined = [torch.tensordot(weights.to(g), g, dims=1) for g in task_grads]
-        applied = None
-        if updates is not None:
-            applied = [torch.tensordot(weights.to(u), u, dims=1) for u in updates]
-        look.commit(combined, applied)  # also steps the task-specific parameters
+        # Combined in place (the per-task values are not read again): no copy of the parameters.
+        combined = [_combine_into_first_row(g, weights) for g in task_grads]
+        if look is not None:
+            assert updates is not None
+            applied = [_combine_into_first_row(u, weights) for u in updates]
+            look.commit(combined, applied)  # also steps the task-specific parameters
+        else:
+            self._step_with(params, combined)
         self._weights = weights
         self._finish_step(solved=solve, gram=gram)
+
+    def _step_with(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """The wrapped optimizer's own step with ``grads`` as the gradients of ``params`` (the
+        other shared parameters hidden: skipped), the task-specific ones on their ``.grad``."""
+        assert self._shared is not None
+        saved = [p.grad for p in self._shared]
+        given = {id(p): g for p, g in zip(params, grads, strict=True)}
+        try:
+            for p in self._shared:
+                p.grad = given.get(id(p))
+            self.optimizer.step()
+        finally:
+            for p, g in zip(self._shared, saved, strict=True):
+                p.grad = g
 
     def _nonshared_with_grad(self) -> list[Tensor]:
         shared_ids = {id(p) for p in self._shared or []}
@@ -913,17 +930,8 @@ class PUB(torch.optim.Optimizer):
 
     def _step_nonshared(self, nonshared: list[Tensor]) -> None:
         """The wrapped optimizer's ordinary step on the parameters that are not balanced."""
-        if not nonshared:
-            return
-        assert self._shared is not None
-        hidden = [p.grad for p in self._shared]
-        try:
-            for p in self._shared:
-                p.grad = None
-            self.optimizer.step()
-        finally:
-            for p, g in zip(self._shared, hidden, strict=True):
-                p.grad = g
+        if nonshared:
+            self._step_with([], [])
 
     def _check_contiguous(self, params: list[Tensor]) -> None:
         """The exact look-ahead works on flat views of each parameter and its state: refuse a
@@ -1013,6 +1021,15 @@ def task_sum(task_grads: Tensor, out: Tensor | None = None) -> Tensor:
     for row in rows[2:]:
         total.add_(row)
     return total
+
+
+def _combine_into_first_row(per_task: Tensor, weights: Tensor) -> Tensor:
+    """``sum_k weights[k] * per_task[k]``, written over ``per_task[0]`` (returned)."""
+    w = weights.to(per_task)
+    first = per_task[0].mul_(w[0])
+    for k in range(1, per_task.shape[0]):
+        first.addcmul_(per_task[k], w[k])
+    return first
 
 
 def _sum_rows(rows: Sequence[Tensor | None]) -> Tensor:

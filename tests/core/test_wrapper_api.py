@@ -357,3 +357,51 @@ def test_grad_scaler_unscale_reaches_the_per_task_gradients(factory: OptimizerFa
         other = scaled.optimizer.state_dict()["state"][key]
         for field, value in state.items():
             assert torch.equal(other[field], value), field
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01),
+        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.05, amsgrad=True),
+        lambda p: torch.optim.RMSprop(p, lr=1e-3, centered=True, momentum=0.5),
+        lambda p: torch.optim.NAdam(p, lr=1e-2),  # the generic path
+    ],
+    ids=["sgd-nesterov-wd", "adam-l2-amsgrad", "rmsprop-centered", "nadam"],
+)
+def test_gradient_space_is_the_optimizers_own_step_on_the_weighted_gradient(
+    factory: OptimizerFactory,
+) -> None:
+    """``space="gradient"``: the shared parameters step on ``sum_k alpha_k g_k`` and the heads
+    on their own gradients, exactly as the plain optimizer does when handed those gradients
+    (per-task gradients from separate autograd calls on a twin model); ``.grad`` still holds the
+    per-task sum afterwards."""
+    model = TwoTower(3, width=6).double()
+    twin = copy.deepcopy(model)
+    opt = PUB(factory(list(model.parameters())), "min-norm", space="gradient")
+    plain = factory(list(twin.parameters()))
+    shared = list(twin.trunk.parameters())
+    for step in range(4):
+        x, y = batch(step, 3)
+        opt.zero_grad()
+        opt.backward(model.losses(x.double(), y.double()))
+        opt.step()
+        assert opt.weights is not None
+        alpha = opt.weights.tolist()
+        per_task = [
+            torch.autograd.grad(loss, shared, retain_graph=True)
+            for loss in twin.losses(x.double(), y.double())
+        ]
+        plain.zero_grad()
+        for i, p in enumerate(shared):
+            p.grad = sum(a * g[i] for a, g in zip(alpha, per_task, strict=True))  # type: ignore[assignment]
+        for k, head in enumerate(twin.heads):
+            own = list(head.parameters())
+            loss = twin.losses(x.double(), y.double())[k]
+            for p, g in zip(own, torch.autograd.grad(loss, own), strict=True):
+                p.grad = g
+        plain.step()
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        for p, grads in zip(model.trunk.parameters(), zip(*per_task, strict=True), strict=True):
+            torch.testing.assert_close(p.grad, sum(grads), rtol=1e-12, atol=1e-14)

@@ -170,13 +170,26 @@ def test_channels_last_parameters_are_refused_by_the_exact_path(
     assert_unchanged(model, pub.optimizer, before)
 
 
-def test_channels_last_parameters_train_on_the_generic_path() -> None:
-    """The generic path (snapshot, step, restore) steps any layout: NAdam trains a
-    ``channels_last`` convolution, and matches the same model trained contiguous."""
+@pytest.mark.parametrize(
+    ("factory", "space"),
+    [
+        (lambda p: torch.optim.NAdam(p, lr=1e-2), "update"),  # the generic path
+        # the optimizer's own step (SGD: Adam's first step, ~lr * sign(g), would turn the two
+        # layouts' last-bit gradient differences into lr-sized ones where g* nearly cancels)
+        (lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9), "gradient"),
+    ],
+    ids=["nadam-generic", "sgd-gradient-space"],
+)
+def test_channels_last_parameters_train_where_the_optimizer_steps_them(
+    factory: OptimizerFactory, space: str
+) -> None:
+    """Where the wrapped optimizer's own ``step()`` moves the parameters (the generic path, and
+    ``space="gradient"``), any layout trains: a ``channels_last`` convolution matches the same
+    model trained contiguous."""
     results = []
     for layout in (torch.contiguous_format, torch.channels_last):
         model = _ConvTwoTask().to(memory_format=layout)
-        pub = PUB(torch.optim.NAdam(model.parameters(), lr=1e-2))
+        pub = PUB(factory(list(model.parameters())), space=space)  # type: ignore[arg-type]
         for step in range(3):
             x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(step))
             pub.zero_grad()
