@@ -1014,13 +1014,7 @@ def split_task_losses(losses: object) -> tuple[tuple[str, ...], list[Any]] | Non
 def task_sum(task_grads: Tensor, out: Tensor | None = None) -> Tensor:
     """``task_grads.sum(0)`` for a ``[K, *shape]`` buffer, as K - 1 additions of whole rows
     (torch's reduction over the leading dimension takes about 3x as long at K = 2 on CPU)."""
-    rows = task_grads.unbind(0)
-    if len(rows) == 1:
-        return rows[0].clone() if out is None else out.copy_(rows[0])
-    total = rows[0] + rows[1] if out is None else torch.add(rows[0], rows[1], out=out)
-    for row in rows[2:]:
-        total.add_(row)
-    return total
+    return _sum_rows(task_grads.unbind(0), out)
 
 
 def _combine_into_first_row(per_task: Tensor, weights: Tensor) -> Tensor:
@@ -1032,12 +1026,13 @@ def _combine_into_first_row(per_task: Tensor, weights: Tensor) -> Tensor:
     return first
 
 
-def _sum_rows(rows: Sequence[Tensor | None]) -> Tensor:
-    """The sum of the given per-task gradients, in a new tensor (at least one is given)."""
+def _sum_rows(rows: Sequence[Tensor | None], out: Tensor | None = None) -> Tensor:
+    """The sum of the given per-task gradients (``None``: a task that did not reach the
+    parameter; at least one is given), in ``out`` or a new tensor."""
     present = [g for g in rows if g is not None]
     if len(present) == 1:
-        return present[0].clone()
-    total = present[0] + present[1]
+        return present[0].clone() if out is None else out.copy_(present[0])
+    total = present[0] + present[1] if out is None else torch.add(present[0], present[1], out=out)
     for g in present[2:]:
         total.add_(g)
     return total

@@ -30,7 +30,7 @@ def test_spread_table_holds_each_runs_paired_median(tmp_path: Path) -> None:
     for reference, section in (("floor", "## PUB / floor"), ("torchjd-upgrad", "## PUB / torchjd")):
         expected = [_paired_median(p, 2, "pub-pareto", reference) for p in runs]
         block = text[text.index(section) :]
-        (row,) = [line for line in block.splitlines() if line.startswith("| 2 | pareto |")][:1]
+        row = next(line for line in block.splitlines() if line.startswith("| 2 | pareto |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[2 : 2 + len(runs)] == [f"{v:.2f}" for v in expected]
         limit = 1.15 if reference == "floor" else 1.0
