@@ -37,7 +37,9 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from dataclasses import dataclass
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -47,37 +49,88 @@ from .distributed import GradientAllReduce, is_distributed
 from .strategies import StrategyLike, UpdateBalancer, get_strategy
 from .wrapper import PUB, BetweenSolves, Space, split_task_losses
 
-try:  # pragma: no cover - exercised by whichever package is installed
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import Callback
-    from pytorch_lightning.plugins.precision import (
-        DoublePrecision,
-        MixedPrecision,
-        Precision,
-    )
-    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
-    from pytorch_lightning.utilities.model_helpers import is_overridden
-except ImportError:  # pragma: no cover
+
+@dataclass(frozen=True)
+class _Flavour:
+    """The classes the callback needs from one Lightning distribution.
+
+    ``pytorch_lightning`` and the unified ``lightning`` package (``lightning.pytorch``) are two
+    copies of the same code with distinct classes: a ``lightning.pytorch`` trainer's strategy is
+    not an instance of ``pytorch_lightning``'s ``DDPStrategy``. ``lightning`` depends on
+    ``pytorch_lightning``, so both are usually installed side by side; the callback checks a
+    trainer against the classes of the package that trainer comes from.
+    """
+
+    package: str
+    trainer: type
+    module: type
+    callback: type
+    precision: type
+    double_precision: type
+    mixed_precision: type
+    ddp: type
+    single_device: type
+    is_overridden: Callable[..., bool]
+
+
+def _load_flavour(package: str) -> _Flavour | None:
     try:
-        import lightning.pytorch as pl  # type: ignore[no-redef]
-        from lightning.pytorch.callbacks import Callback  # type: ignore[no-redef]
-        from lightning.pytorch.plugins.precision import (  # type: ignore[no-redef]
-            DoublePrecision,
-            MixedPrecision,
-            Precision,
-        )
-        from lightning.pytorch.strategies import (  # type: ignore[no-redef]
-            DDPStrategy,
-            SingleDeviceStrategy,
-            Strategy,
-        )
-        from lightning.pytorch.utilities.model_helpers import (  # type: ignore[no-redef]
-            is_overridden,
-        )
-    except ImportError as err:
-        raise ImportError(
-            "pub_optim.lightning needs PyTorch Lightning: pip install 'pub-optim[lightning]'"
-        ) from err
+        root = import_module(package)
+        precision = import_module(f"{package}.plugins.precision")
+        strategies = import_module(f"{package}.strategies")
+        helpers = import_module(f"{package}.utilities.model_helpers")
+        callbacks = import_module(f"{package}.callbacks")
+    except ImportError:
+        return None
+    return _Flavour(
+        package=package,
+        trainer=root.Trainer,
+        module=root.LightningModule,
+        callback=callbacks.Callback,
+        precision=precision.Precision,
+        double_precision=precision.DoublePrecision,
+        mixed_precision=precision.MixedPrecision,
+        ddp=strategies.DDPStrategy,
+        single_device=strategies.SingleDeviceStrategy,
+        is_overridden=helpers.is_overridden,
+    )
+
+
+_FLAVOURS: tuple[_Flavour, ...] = tuple(
+    flavour
+    for flavour in (_load_flavour("pytorch_lightning"), _load_flavour("lightning.pytorch"))
+    if flavour is not None
+)
+if not _FLAVOURS:  # pragma: no cover - exercised by tests/lightning/test_import_guard.py
+    raise ImportError(
+        "pub_optim.lightning needs PyTorch Lightning: pip install 'pub-optim[lightning]'"
+    )
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback as _CallbackBase
+    from pytorch_lightning.plugins.precision import Precision
+    from pytorch_lightning.strategies import Strategy
+else:
+    # An instance of every installed package's Callback class, so that either package's Trainer
+    # takes it for one of its own (the two classes define the same hooks).
+    _CallbackBase = (
+        _FLAVOURS[0].callback
+        if len(_FLAVOURS) == 1
+        else type("Callback", tuple(f.callback for f in _FLAVOURS), {})
+    )
+
+
+def _flavour_of(trainer: object) -> _Flavour:
+    for flavour in _FLAVOURS:
+        if isinstance(trainer, flavour.trainer):
+            return flavour
+    packages = " or ".join(f"`{f.package}`" for f in _FLAVOURS)
+    raise TypeError(
+        f"UpdateBalancing needs a {packages} Trainer, got {type(trainer).__module__}."
+        f"{type(trainer).__name__}"
+    )
+
 
 __all__ = ["LightningPUB", "UpdateBalancing"]
 
@@ -147,7 +200,7 @@ class LightningPUB(PUB):
         super().load_state_dict(state_dict)
 
 
-class UpdateBalancing(Callback):
+class UpdateBalancing(_CallbackBase):
     """Parameter Update Balancing for an ordinary Lightning training (automatic optimisation).
 
     Example::
@@ -268,6 +321,7 @@ class UpdateBalancing(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        flavour = _flavour_of(trainer)
         self._task_names = None  # a checkpoint being restored sets them again
         self._restored_skipped = 0
         mine = [cb for cb in trainer.callbacks if isinstance(cb, UpdateBalancing)]  # type: ignore[attr-defined]
@@ -280,7 +334,7 @@ class UpdateBalancing(Callback):
             )
         _check_strategy(trainer.strategy)
         _check_precision(trainer.strategy.precision_plugin)
-        if is_overridden("backward", pl_module, pl.LightningModule):
+        if flavour.is_overridden("backward", pl_module, flavour.module):
             raise ValueError(
                 f"{type(pl_module).__name__} overrides `backward`: UpdateBalancing runs the "
                 "per-task backward passes itself in place of `backward`; remove the override"
@@ -330,7 +384,8 @@ class UpdateBalancing(Callback):
         self.optimizer.skipped_steps = self._restored_skipped
         trainer.optimizers = [self.optimizer]
         plugin = trainer.strategy.precision_plugin
-        self._scaler = plugin.scaler if isinstance(plugin, MixedPrecision) else None
+        mixed = tuple(f.mixed_precision for f in _FLAVOURS)
+        self._scaler = getattr(plugin, "scaler", None) if isinstance(plugin, mixed) else None
         self._trainer = trainer
         self._module = pl_module
         self._total_checked = not self.check_total
@@ -584,7 +639,8 @@ def _check_strategy(strategy: Strategy) -> None:
                 f"UpdateBalancing does not support {name}: {unsupported[cls.__name__]}. Use "
                 "strategy='ddp' (or a single device)"
             )
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    supported = tuple(cls for f in _FLAVOURS for cls in (f.single_device, f.ddp))
+    if not isinstance(strategy, supported):
         raise ValueError(f"UpdateBalancing supports a single device and DDPStrategy, not {name}")
     if getattr(strategy, "_model_averaging_period", None) is not None:
         raise ValueError("UpdateBalancing does not support DDP post-local-SGD model averaging")
@@ -596,7 +652,10 @@ def _check_strategy(strategy: Strategy) -> None:
 
 
 def _check_precision(plugin: Precision) -> None:
-    if type(plugin) in (Precision, DoublePrecision, MixedPrecision):
+    supported = [
+        cls for f in _FLAVOURS for cls in (f.precision, f.double_precision, f.mixed_precision)
+    ]
+    if type(plugin) in supported:
         return
     raise ValueError(
         f"UpdateBalancing supports precision '32-true', '64-true', 'bf16-mixed' and '16-mixed', "

@@ -1,8 +1,14 @@
-"""A small multi-task LightningModule and an independent manual PUB loop to compare against."""
+"""A small multi-task LightningModule and an independent manual PUB loop to compare against.
+
+``MultiTask`` is a ``pytorch_lightning`` module; :func:`module_class` and :func:`trainer` give the
+same module and trainer for the unified ``lightning`` package (``lightning.pytorch``) too.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,7 +36,11 @@ def loader(batch_size: int = 16, **kw: Any) -> DataLoader:
     return DataLoader(make_data(**kw), batch_size=batch_size, shuffle=False)
 
 
-class MultiTask(pl.LightningModule):
+#: The two Lightning distributions the callback supports.
+PACKAGES = ("pytorch_lightning", "lightning.pytorch")
+
+
+class _MultiTaskBody:
     """Shared trunk, one head per task; options cover the features under test."""
 
     def __init__(
@@ -86,7 +96,20 @@ class MultiTask(pl.LightningModule):
         return build_optimizer(self)
 
 
-def build_optimizer(module: MultiTask) -> Any:
+class MultiTask(_MultiTaskBody, pl.LightningModule):  # type: ignore[misc]
+    """The test module, as a ``pytorch_lightning.LightningModule``."""
+
+
+@functools.cache
+def module_class(package: str = "pytorch_lightning") -> type[MultiTask]:
+    """``MultiTask`` as a LightningModule of ``package`` (one of :data:`PACKAGES`)."""
+    if package == "pytorch_lightning":
+        return MultiTask
+    base = importlib.import_module(package).LightningModule
+    return type("MultiTask", (_MultiTaskBody, base), {"__module__": __name__})  # type: ignore[return-value]
+
+
+def build_optimizer(module: _MultiTaskBody) -> Any:
     if module.param_groups:
         params: Any = [
             {"params": module.trunk.parameters()},
@@ -108,7 +131,7 @@ def build_optimizer(module: MultiTask) -> Any:
     return opt
 
 
-def trainer(**kw: Any) -> pl.Trainer:
+def trainer(package: str = "pytorch_lightning", **kw: Any) -> pl.Trainer:
     defaults: dict[str, Any] = {
         "accelerator": "cpu",
         "devices": 1,
@@ -118,7 +141,7 @@ def trainer(**kw: Any) -> pl.Trainer:
         "enable_model_summary": False,
     }
     defaults.update(kw)
-    return pl.Trainer(**defaults)
+    return importlib.import_module(package).Trainer(**defaults)  # type: ignore[no-any-return]
 
 
 def flat(module: nn.Module) -> Tensor:
@@ -126,7 +149,7 @@ def flat(module: nn.Module) -> Tensor:
 
 
 def manual_pub_loop(
-    module: MultiTask,
+    module: _MultiTaskBody,
     data: DataLoader,
     epochs: int,
     *,
