@@ -144,9 +144,17 @@ _CONTRACT = (
 
 
 def _unwrapped_step(cls: type) -> Callable[..., Any]:
-    """``cls.step`` without the profiling wrapper torch installs on optimizer classes."""
+    """``cls.step`` without the profiling wrapper that torch installs on an optimizer class.
+
+    ``torch.optim.Optimizer.__init__`` wraps ``type(self).step`` (marked ``hooked``) the first
+    time an instance of that class is made; :class:`LightningPUB`'s own ``step`` is wrapped, so
+    calling the wrapped ``PUB.step`` would run the step hooks twice. Whether ``PUB.step`` is
+    wrapped depends on whether a plain ``PUB`` was made in this process (not in a worker of
+    ``strategy="ddp_spawn"``, which unpickles the callback): only the profiling wrapper is
+    removed, never ``PUB.step``'s own ``torch.no_grad()``.
+    """
     step = cls.__dict__["step"]
-    return getattr(step, "__wrapped__", step)
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
 class LightningPUB(PUB):

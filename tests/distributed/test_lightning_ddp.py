@@ -23,6 +23,7 @@ from pub_optim.lightning import UpdateBalancing
 pytestmark = pytest.mark.distributed
 
 SCRIPT = Path(__file__).with_name("lightning_ddp_script.py")
+SPAWN_SCRIPT = Path(__file__).with_name("lightning_spawn_script.py")
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +90,19 @@ def test_ddp_nonfinite_loss_on_one_rank_stops_both_and_changes_nothing(
     assert torch.equal(e0["params"], e1["params"])
     after_one_step, _ = _single_process(max_steps=1)  # the NaN came at the second step
     torch.testing.assert_close(e0["params"], after_one_step, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_ddp_spawn_trains_like_one_process(tmp_path: Path) -> None:
+    # Spawned workers unpickle the callback: the step must still run under no_grad (it crashed
+    # at the first step with an in-place operation on a leaf that requires grad).
+    proc = subprocess.run(
+        [sys.executable, str(SPAWN_SCRIPT), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    params, _ = _single_process(max_epochs=1)
+    torch.testing.assert_close(torch.load(tmp_path / "spawn.pt"), params, rtol=1e-10, atol=1e-12)
