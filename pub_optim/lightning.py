@@ -235,9 +235,12 @@ class UpdateBalancing(_CallbackBase):
         log_stats: log the task weights and per-task update norms through ``pl_module.log``.
         log_cosines: also log the pairwise update cosines (``K (K - 1) / 2`` values).
         prog_bar: show the task weights in the progress bar.
-        log_every_n_steps: log every N optimizer steps (default: the trainer's
-            ``log_every_n_steps``, so the values are logged on the steps the logger writes; the
-            logger still writes on the trainer's schedule, so a larger N only thins it out).
+        log_every_n_steps: ``None`` (default): log on the trainer's schedule (its
+            ``log_every_n_steps``) through ``pl_module.log``, so the values also reach the
+            progress bar and ``trainer.logged_metrics``. An integer N: write them every N
+            optimizer steps, whatever the trainer's schedule, straight to ``trainer.loggers``
+            (as Lightning's ``LearningRateMonitor`` does; with ``prog_bar=True`` the weights
+            also go to the progress bar).
         prefix: prefix of the logged names (``"pub/weight/<task>"``, ``"pub/update_norm/<task>"``,
             ``"pub/cosine/<a>~<b>"``).
         bucket_cap_mb: largest single all-reduce under DDP.
@@ -582,16 +585,21 @@ class UpdateBalancing(_CallbackBase):
         stats = pub.last_stats
         if stats.step == self._last_logged:
             return  # no new step (accumulating, skipped, or the scaler skipped it)
-        every = self.log_every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
+        # At on_train_batch_end the step is taken: ``global_step`` counts it, and the logger
+        # writes this batch's values under step ``global_step - 1`` (Lightning's 0-based row).
+        own = self.log_every_n_steps
+        every = own or int(getattr(trainer, "log_every_n_steps", 50))
         if every <= 0 or trainer.global_step % every != 0:
             return
         self._last_logged = stats.step
         names = stats.task_names
-        weights = stats.weights.tolist()
-        norms = stats.update_norms.tolist()
+        weights = {
+            f"{self.prefix}/weight/{n}": w
+            for n, w in zip(names, stats.weights.tolist(), strict=True)
+        }
         values: dict[str, float] = {}
-        for i, name in enumerate(names):
-            values[f"{self.prefix}/update_norm/{name}"] = norms[i]
+        for name, norm in zip(names, stats.update_norms.tolist(), strict=True):
+            values[f"{self.prefix}/update_norm/{name}"] = norm
         if self.log_cosines:
             cos = stats.cosines.tolist()
             for i, name in enumerate(names):
@@ -600,12 +608,21 @@ class UpdateBalancing(_CallbackBase):
         if self.nonfinite == "skip":
             values[f"{self.prefix}/skipped_steps"] = float(pub.skipped_steps)
         kwargs: dict[str, Any] = {"on_step": True, "on_epoch": False, "batch_size": 1}
-        pl_module.log_dict(
-            {f"{self.prefix}/weight/{n}": w for n, w in zip(names, weights, strict=True)},
-            prog_bar=self.prog_bar,
-            **kwargs,
-        )
-        pl_module.log_dict(values, prog_bar=False, **kwargs)
+        if own is None:
+            # On the trainer's schedule: through pl_module.log (loggers, progress bar,
+            # trainer.logged_metrics), fresh at every step the logger writes.
+            pl_module.log_dict(weights, prog_bar=self.prog_bar, **kwargs)
+            pl_module.log_dict(values, prog_bar=False, **kwargs)
+            return
+        # On the callback's own schedule: straight to the loggers, as Lightning's
+        # LearningRateMonitor does. (Values logged through pl_module.log stay in Lightning's
+        # results until logged again, so the logger would write them again, stale, at each of
+        # its own steps in between.)
+        if self.prog_bar:
+            pl_module.log_dict(weights, prog_bar=True, logger=False, **kwargs)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({**weights, **values}, step=trainer.global_step - 1)
 
     # ----------------------------------------------------------------------- state and cleanup
     def state_dict(self) -> dict[str, Any]:

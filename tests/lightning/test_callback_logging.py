@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from mtl_helpers import MultiTask, loader, trainer
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 
 from pub_optim.lightning import UpdateBalancing
@@ -57,3 +60,40 @@ def test_logging_can_be_reduced_or_switched_off(tmp_path: Path) -> None:
     )
     tr.fit(MultiTask(), loader())
     assert not any(k.startswith("pub/") for k in tr.logged_metrics)
+
+
+class _RecordWeights(Callback):
+    """The balancer's weights after every optimizer step, by Lightning's 0-based logged step."""
+
+    def __init__(self, balancing: UpdateBalancing) -> None:
+        self.balancing = balancing
+        self.by_step: dict[int, list[float]] = {}
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        pub = self.balancing.optimizer
+        assert pub is not None and pub.last_stats is not None
+        self.by_step[trainer.global_step - 1] = pub.last_stats.weights.tolist()
+
+
+@pytest.mark.parametrize(("own", "trainers"), [(10, 5), (3, 5), (4, 1)])
+def test_own_schedule_logs_each_value_once_under_its_own_step(
+    tmp_path: Path, own: int, trainers: int
+) -> None:
+    # The callback's own schedule differs from the trainer's: every row that carries the weights
+    # is a step of the callback's schedule, with that step's weights (never an earlier step's
+    # values written again under a later step of the trainer's schedule).
+    cb = UpdateBalancing(log_every_n_steps=own, prog_bar=True)
+    record = _RecordWeights(cb)
+    tr = trainer(
+        max_steps=20,
+        callbacks=[cb, record],
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=trainers,
+    )
+    tr.fit(MultiTask(), loader(n=20 * 16))
+    rows = [r for r in _rows(tmp_path) if r.get("pub/weight/t0")]
+    assert [int(r["step"]) for r in rows] == [s - 1 for s in range(own, 21, own)]
+    for row in rows:
+        logged = [float(row["pub/weight/t0"]), float(row["pub/weight/t1"])]
+        np.testing.assert_allclose(logged, record.by_step[int(row["step"])], rtol=1e-6)
+    assert set(tr.progress_bar_metrics) >= {"pub/weight/t0", "pub/weight/t1"}
