@@ -98,11 +98,17 @@ def gram_specs(
     full_rank: bool | None = None,
     min_exponent: float = -12.0,
     max_exponent: float = 12.0,
+    max_norm_spread: float | None = None,
+    max_spectrum_spread: float | None = None,
 ) -> GramSpec:
     """Hypothesis strategy of :class:`GramSpec`.
 
     ``full_rank=True`` gives well-conditioned matrices (rank K, condition number at most ~1e3);
     ``False`` gives rank 1..K-1 (needs ``min_k >= 2``); ``None`` any rank 1..K.
+    ``max_norm_spread`` / ``max_spectrum_spread`` also draw the spread of the update norms / of
+    the singular values, log-uniform up to that bound (default: the fixed 10 and 3), for
+    ill-conditioned matrices: the condition number of G is up to ``spectrum_spread**2`` from the
+    angles, times ``norm_spread**2`` from the norms.
     """
     k = draw(st.integers(min_k, max_k))
     if full_rank is True:
@@ -113,7 +119,13 @@ def gram_specs(
         rank = draw(st.integers(1, k))
     exponent = draw(st.floats(min_exponent, max_exponent))
     seed = draw(st.integers(0, 2**32 - 1))
-    return GramSpec(k=k, rank=rank, scale=float(10.0**exponent), seed=seed)
+    spreads = {}
+    if max_norm_spread is not None:
+        spreads["norm_spread"] = float(10.0 ** draw(st.floats(0.0, np.log10(max_norm_spread))))
+    if max_spectrum_spread is not None:
+        exponent_bound = np.log10(max_spectrum_spread)
+        spreads["spectrum_spread"] = float(10.0 ** draw(st.floats(0.0, exponent_bound)))
+    return GramSpec(k=k, rank=rank, scale=float(10.0**exponent), seed=seed, **spreads)
 
 
 def permutation(k: int, seed: int) -> np.ndarray:

@@ -267,8 +267,12 @@ def test_backends_validate_their_input(nash_cvxpy):
 def test_equal_magnitude_matches_least_squares(spec: GramSpec):
     gram = spec.matrix()
     norms = np.sqrt(np.diag(gram))
-    solution, *_ = np.linalg.lstsq(gram, norms, rcond=None)  # SVD-based (LAPACK gelsd)
-    exact = np.max(np.abs(gram @ solution - norms)) <= 1e-6 * norms.max()
+    # G alpha = sqrt(diag G) in the scaled coordinates beta_k = alpha_k |d_k|: C beta = 1 with
+    # the cosine matrix C (the documented rule picks the minimum-norm beta when C is singular).
+    cosines = gram / np.outer(norms, norms)
+    beta, *_ = np.linalg.lstsq(cosines, np.ones(spec.k), rcond=None)  # SVD-based (LAPACK gelsd)
+    solution = beta / norms
+    exact = np.max(np.abs(cosines @ beta - 1.0)) <= 1e-6
     if spec.rank == spec.k:
         assert exact  # full rank, condition <= ~1e3
     ours = weights_of(EqualMagnitude(), gram)

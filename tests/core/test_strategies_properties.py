@@ -193,8 +193,11 @@ def test_colinear_updates_follow_each_method(magnitudes: list[float], exponent: 
     np.testing.assert_allclose(
         weights_of(Pareto(), gram), (1 / c) / np.sum(1 / c), rtol=1e-9, atol=0
     )
-    # Equal magnitude: any a with c.a = const has equal projections; pinv picks a ∝ c.
-    np.testing.assert_allclose(weights_of(EqualMagnitude(), gram), c / c.sum(), rtol=1e-8)
+    # Equal magnitude: any a with c.a = const has equal projections; the documented rule takes
+    # the minimum-norm solution in the scaled coordinates b_k = a_k c_k (equal shares): a ∝ 1/c.
+    np.testing.assert_allclose(
+        weights_of(EqualMagnitude(), gram), (1 / c) / np.sum(1 / c), rtol=1e-8
+    )
     # Min-norm: the joint update (c.a) d is the smallest update c_min d. The ridge r = 1e-10 x
     # mean(c^2) (in units of s) moves the objective (c.a)^2 by at most r, hence c.a by at most
     # r / (2 c_min); and a task with c_j >= 1.01 c_min can hold a weight w only if the ridge

@@ -1,0 +1,90 @@
+"""Edge cases of the strategies: updates of very different lengths, ill-conditioned and colinear
+geometry, and floating-point warnings, each against an independent reference (numpy, or the
+defining property of the strategy).
+
+Equal-magnitude is IMTL-G (Liu et al., ICLR 2021), CAGrad is Liu et al., NeurIPS 2021, the Nash
+solver is Nash-MTL's bargaining condition (Navon et al., ICML 2022).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gram_samplers import (
+    GramSpec,
+    equal_projections,
+    gram_specs,
+    weights_of,
+)
+from hypothesis import given, settings
+from sync_guard import no_host_reads
+
+from pub_optim.solvers.device import MIN_NORM_MAX_TASKS
+from pub_optim.strategies import EqualMagnitude
+
+SOME = settings(max_examples=60, deadline=None)
+
+
+def _device(gram: np.ndarray) -> np.ndarray:
+    with no_host_reads():
+        weights, valid = EqualMagnitude().device_weights(torch.from_numpy(gram))
+    assert bool(valid)
+    out: np.ndarray = weights.numpy()
+    return out
+
+
+def _numpy_equal_projection(gram: np.ndarray) -> np.ndarray:
+    """Raw IMTL-G weights, ``G alpha = sqrt(diag G)``, by numpy's LU solve on the cosine matrix
+    (an independent implementation)."""
+    norms = np.sqrt(np.diag(gram))
+    beta = np.linalg.solve(gram / np.outer(norms, norms), np.ones(len(norms)))
+    return beta / norms
+
+
+# ------------------------------------------------------------------------ equal-magnitude
+@pytest.mark.parametrize("cosine", [0.9, 0.5, 0.0, -0.3])
+@pytest.mark.parametrize("ratio", [1e-5, 1e-3, 1.0])
+def test_equal_magnitude_updates_of_very_different_lengths(cosine: float, ratio: float) -> None:
+    # Two updates of norms 1 and `ratio` (squared norm 1e-10 is above the 1e-12 zero threshold).
+    # The exact solution: beta = (1, 1) / (1 + cos) in units of the norms, alpha ∝ (1, 1/ratio).
+    gram = np.array([[1.0, cosine * ratio], [cosine * ratio, ratio**2]])
+    expected = np.array([ratio, 1.0]) / (1.0 + ratio)
+    for weights in (weights_of(EqualMagnitude(), gram), _device(gram)):
+        np.testing.assert_allclose(weights, expected, rtol=1e-9)
+        projections = equal_projections(gram, weights)
+        np.testing.assert_allclose(projections, projections[0], rtol=1e-9)
+
+
+@SOME
+@given(
+    spec=gram_specs(
+        max_k=MIN_NORM_MAX_TASKS, full_rank=True, max_norm_spread=1e6, max_spectrum_spread=1e3
+    )
+)
+def test_equal_magnitude_ill_conditioned_host_device_and_numpy_agree(spec: GramSpec) -> None:
+    # Norms up to 1e6 apart and angles that make the cosine matrix's condition number up to
+    # ~1e6 (G's up to ~1e18): equal projections, numpy's answer, and the same weights from the
+    # synchronisation-free solver as from the host one.
+    gram = spec.matrix()
+    host = weights_of(EqualMagnitude(), gram)
+    raw = _numpy_equal_projection(gram)
+    positive = raw.sum() / np.abs(raw).sum()
+    if positive <= 1e-12:  # no equal-projection update with a positive sum: the fallback
+        np.testing.assert_allclose(host, np.full(spec.k, 1.0 / spec.k), rtol=1e-15)
+    elif positive >= 1e-6:  # (in between, rounding decides; the sum is 1e-9 of the weights)
+        reference = raw / raw.sum()
+        scale = np.abs(reference).max()
+        np.testing.assert_allclose(host, reference, rtol=0.0, atol=1e-8 * scale)
+        projections = equal_projections(gram, host)
+        np.testing.assert_allclose(projections, projections.mean(), rtol=1e-8)
+    np.testing.assert_allclose(_device(gram), host, rtol=0.0, atol=1e-7 * np.abs(host).max())
+
+
+def test_equal_magnitude_colinear_updates_contribute_equal_lengths() -> None:
+    # d and 2d: singular; the minimum-norm solution in the scaled coordinates beta_k =
+    # alpha_k |d_k| is beta = (1/2, 1/2): alpha = (2/3, 1/3), each task's share has length 2/3.
+    gram = np.array([[1.0, 2.0], [2.0, 4.0]])
+    for weights in (weights_of(EqualMagnitude(), gram), _device(gram)):
+        np.testing.assert_allclose(weights, [2 / 3, 1 / 3], rtol=1e-9)
+
