@@ -33,6 +33,29 @@ from .base import Normalization, UpdateBalancer
 CAGRAD_RIDGE = 1e-10
 #: A KKT multiplier of a bound counts as negative below ``-KKT_TOL`` (relative).
 KKT_TOL = 1e-10
+#: Two task vectors count as identical when ``|g_i - g_j|^2`` is below this fraction of
+#: ``|g_i|^2 + |g_j|^2`` (rounding in a Gram matrix is ~1e-16 of its entries).
+DUPLICATE_RTOL = 1e-12
+
+
+def _share_among_duplicates(gram: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``w`` with the weight of each group of identical task vectors shared equally in the group.
+
+    The dual depends on ``w`` only through ``g_w = sum_k w_k g_k``, so moving weight between
+    identical vectors leaves its value unchanged: every such split is a minimiser. Which one
+    the active-set method reaches depends on the order of the tasks (the ridge that would pick
+    the symmetric one is below its tolerance); sharing equally is the symmetric choice, the same
+    whatever the order.
+    """
+    diag = np.diag(gram)
+    spread = diag[:, None] + diag[None, :]
+    same = spread - 2.0 * gram <= DUPLICATE_RTOL * spread
+    labels = np.argmax(same, axis=1)  # the first task identical to each one
+    if np.array_equal(labels, np.arange(len(w))):
+        return w
+    totals = np.bincount(labels, weights=w)
+    counts = np.bincount(labels)
+    return totals[labels] / counts[labels]
 
 
 def _subproblem(
@@ -155,7 +178,8 @@ class CAGrad(UpdateBalancer):
     and equal weights (the step ``g0``); if the minimising combination ``g_w*`` vanishes (the task
     vectors are Pareto-stationary) the correction term has no direction and the weights are also
     ``1/K`` (the step ``g0``). The dual is solved on ``G + 1e-10 I`` (``G`` scaled to mean diagonal
-    one), which selects the symmetric solution when task vectors are colinear.
+    one); identical task vectors (e.g. ``G = ones((K, K))``) share their group's weight equally,
+    so that permuting the tasks permutes the weights.
 
     Args:
         c: radius of the ball around ``g0``, relative to ``||g0||`` (the paper's default 0.5;
@@ -177,6 +201,7 @@ class CAGrad(UpdateBalancer):
         k = matrix.shape[0]
         equal = np.full(k, 1.0 / k)
         w, s = cagrad_dual(matrix, self.c, ridge=CAGRAD_RIDGE)
+        w = _share_among_duplicates(matrix, w)
         norm_gw = math.sqrt(max(float(w @ matrix @ w), 0.0))
         degenerate = s <= 0.0 or norm_gw <= 1e-10 * s  # phi = 0, or g_w* = 0 (see the class)
         weights = equal if degenerate else equal + (s / norm_gw) * w

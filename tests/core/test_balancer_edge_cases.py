@@ -13,15 +13,19 @@ import pytest
 import torch
 from gram_samplers import (
     GramSpec,
+    assert_permutation_equivariant,
     equal_projections,
     gram_specs,
+    permutation,
+    sample_gram,
     weights_of,
 )
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from sync_guard import no_host_reads
 
 from pub_optim.solvers.device import MIN_NORM_MAX_TASKS
-from pub_optim.strategies import EqualMagnitude
+from pub_optim.strategies import CAGrad, EqualMagnitude
 
 SOME = settings(max_examples=60, deadline=None)
 
@@ -88,3 +92,24 @@ def test_equal_magnitude_colinear_updates_contribute_equal_lengths() -> None:
     for weights in (weights_of(EqualMagnitude(), gram), _device(gram)):
         np.testing.assert_allclose(weights, [2 / 3, 1 / 3], rtol=1e-9)
 
+
+# ----------------------------------------------------------------------------------- CAGrad
+def test_cagrad_identical_tasks_get_equal_weights() -> None:
+    for k in (2, 3, 5):
+        weights = weights_of(CAGrad(), np.ones((k, k)))
+        np.testing.assert_allclose(weights, np.full(k, 1.0 / k), rtol=1e-9)
+
+
+@SOME
+@given(
+    norms=st.lists(st.sampled_from([0.5, 1.0, 3.0]), min_size=2, max_size=6),
+    perm_seed=st.integers(0, 2**32 - 1),
+)
+def test_cagrad_permutation_equivariant_on_colinear_tasks(
+    norms: list[float], perm_seed: int
+) -> None:
+    # Updates n_k * u along one direction, with ties among the n_k.
+    n = np.array(norms)
+    assert_permutation_equivariant(
+        CAGrad(), np.outer(n, n), permutation(len(n), perm_seed), 1e-9
+    )
