@@ -44,7 +44,8 @@ _FLOOR_DECREMENT = 1e-14
 #: Weights this many times their natural scale ``1/|d_k|`` count as running off to infinity (no
 #: Nash point). A Nash point that large could not be accepted anyway: the rounding floor of its
 #: residual, ~1e-16 (alpha_k |d_k|)^2, would exceed ``_ACCEPT_RESIDUAL``. Stopping there also
-#: keeps the Newton system far from numerically singular (no NaN, no floating-point warning).
+#: keeps the Newton system away from numerically singular (a NaN step, should one still occur,
+#: ends the attempt; ``solve_nash_newton`` keeps numpy from warning about it).
 _RUN_OFF = 1e6
 #: The Sinkhorn start needs every ``(C 1)_k`` above this (else the plain start is used).
 _MIN_BALANCE = 0.05
@@ -71,7 +72,8 @@ try:
     _solve1 = _umath_linalg.solve1
 
     def _solve_spd(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-        # No ``errstate`` (it costs as much as the solve): see ``_RUN_OFF``.
+        # No ``errstate`` here (it costs as much as the solve): ``solve_nash_newton`` opens one
+        # per solve; ``_RUN_OFF`` keeps the system away from singular in most cases.
         return _solve1(matrix, rhs, signature="dd->d")
 
     _solve_spd(np.eye(2), np.ones(2))  # fail here, not in a solve, if the gufunc changed
@@ -210,14 +212,18 @@ def solve_nash_newton(gram: np.ndarray, tol: float = 1e-13, max_iter: int = 100)
         closed = _solve_two(gram, tol)
         if closed is not None:
             return closed
-    alpha = _newton(gram, tol, max_iter)
-    if alpha is not None:
-        return alpha
-    ridge = FALLBACK_RIDGE * float(np.trace(gram)) / k
-    for _ in range(8):  # 1e-8 .. 1e6 times the mean diagonal
-        alpha = _newton(gram + ridge * np.eye(k), tol, max_iter)
+    # A numerically singular Newton system (near-degenerate G) gives a NaN step, which ends that
+    # attempt; numpy's flag for it is not a warning here (one context per solve: the loop itself
+    # has none, see ``_solve_spd``).
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        alpha = _newton(gram, tol, max_iter)
         if alpha is not None:
             return alpha
-        ridge *= 100.0
+        ridge = FALLBACK_RIDGE * float(np.trace(gram)) / k
+        for _ in range(8):  # 1e-8 .. 1e6 times the mean diagonal
+            alpha = _newton(gram + ridge * np.eye(k), tol, max_iter)
+            if alpha is not None:
+                return alpha
+            ridge *= 100.0
     # Unreachable for a PSD input (a ridge this large makes G diagonal-dominant); kept finite.
     return 1.0 / np.sqrt(np.diag(gram) + ridge)
