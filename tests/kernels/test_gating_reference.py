@@ -183,7 +183,10 @@ def test_empty_batch():
     assert float(out.z_loss) == 0.0 and float(out.load_balancing_loss) == 0.0
 
 
-_VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, 1e-8, -40.0, 88.0, INF, -INF, NAN])
+# 1e20 and 3e38: finite router logits whose lse^2 (and, at 3e38, 2 lse) overflows float32.
+_VALUES = st.sampled_from(
+    [0.0, -0.0, 1.0, -1.0, 2.5, 1e-8, -40.0, 88.0, 1e20, -1e20, 3e38, -3e38, INF, -INF, NAN]
+)
 
 
 @st.composite
@@ -201,7 +204,11 @@ def _cases(draw):
 def test_invariants_hold_for_any_input(case):
     logits, k, renormalize = case
     n, e = logits.shape
+    logits.requires_grad_(True)
     out = _gate(logits, k, renormalize=renormalize)
+    total = out.weights.sum() + out.z_loss + out.load_balancing_loss + out.mean_probs[0]
+    total.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert torch.isfinite(out.weights).all() and (out.weights >= 0).all()
     if renormalize:
         torch.testing.assert_close(out.weights.sum(1), torch.ones(n))
@@ -209,7 +216,22 @@ def test_invariants_hold_for_any_input(case):
     assert torch.isfinite(out.z_loss) and torch.isfinite(out.load_balancing_loss)
     assert_dispatch_metadata(out, n, e, k)
     # ranking by the sanitised logits: NaN -> -inf, +inf rows keep only their +inf entries
-    x = torch.where(torch.isnan(logits), -INF, logits)
+    x = torch.where(torch.isnan(logits), -INF, logits.detach())
     pos = (x == INF).any(1, keepdim=True)
     y = torch.where(pos, torch.where(x == INF, 0.0, -INF), x)
     assert_ranked(out, y)
+
+
+@pytest.mark.parametrize("value", [1e20, 3e38])
+def test_huge_finite_logits_give_a_finite_saturated_z_loss_and_finite_gradients(value):
+    # lse^2 overflows float32 for |router logit| beyond ~1.8e19: z_loss saturates at the largest
+    # float32 (no gradient through it) instead of inf, and no NaN reaches the logits.
+    logits = torch.tensor([[value, 0.0, -3e38], [1.0, 2.0, 3.0]], requires_grad=True)
+    out = _gate(logits, 2)
+    assert float(out.z_loss) == torch.finfo(torch.float32).max
+    (out.weights.sum() + out.z_loss + out.load_balancing_loss).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    # a mean of squares that fits is exact, even where the float32 sum of squares would not
+    fits = torch.full((4, 2), 1e19)
+    expected = float((torch.logsumexp(fits.double(), 1) ** 2).mean())
+    assert float(_gate(fits, 1).z_loss) == pytest.approx(expected, rel=1e-6)

@@ -13,7 +13,9 @@ Semantics (shared with the Triton kernels, see :func:`sanitize_router_logits`):
 * Selection ranks experts by the sanitised logit, which is the ranking by probability (softmax is
   monotone) made independent of ``exp`` rounding; equal logits go to the lowest expert id
   (``-0.0`` equals ``+0.0``). Ids within a row are therefore always distinct.
-* ``z_loss`` and the probabilities use the sanitised logits, so they are finite for every input.
+* ``z_loss`` and the probabilities use the sanitised logits, so they are finite for every input:
+  ``z_loss`` is the mean of ``lse^2`` saturated at the compute dtype's largest finite value
+  (reached for router logits beyond ~1.8e19 in float32), where it passes no gradient.
 
 Dispatch metadata is computed from the ids with torch ops: ``bincount`` for the counts, ``cumsum``
 for the offsets and a stable ``sort`` of the flat expert ids for the order.
@@ -25,7 +27,13 @@ import torch
 
 from .output import GatingOutput
 
-__all__ = ["compute_dtype", "reference_topk_gating", "sanitize_router_logits", "select_topk"]
+__all__ = [
+    "compute_dtype",
+    "reference_topk_gating",
+    "sanitize_router_logits",
+    "saturated_z_loss",
+    "select_topk",
+]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,6 +63,17 @@ def sanitize_router_logits(x: torch.Tensor) -> torch.Tensor:
     neg_inf = torch.full((), -inf, dtype=x.dtype, device=x.device)
     y = torch.where(row_max == inf, torch.where(x == inf, zero, neg_inf), x)
     return torch.where(row_max == -inf, zero, y)
+
+
+def saturated_z_loss(lse: torch.Tensor, n: int) -> torch.Tensor:
+    """``mean(lse^2)`` over ``n`` rows, at most the largest finite value of ``lse``'s dtype.
+
+    The squares are summed in float64, so that only a mean that does not fit saturates; a
+    saturated value has zero gradient (no ``inf * 0`` in the backward pass).
+    """
+    largest = torch.finfo(lse.dtype).max
+    mean = lse.to(torch.float64).square().sum() / max(n, 1)
+    return mean.clamp(max=largest).to(lse.dtype)
 
 
 def select_topk(y: torch.Tensor, k: int) -> torch.Tensor:
@@ -100,7 +119,7 @@ def reference_topk_gating(
 
     counts = torch.bincount(ids.reshape(-1), minlength=e)
     mean_probs = probs.sum(dim=0) / max(n, 1)
-    z_loss = lse.square().sum() / max(n, 1)
+    z_loss = saturated_z_loss(lse, n)
     load = counts.to(cdt) / max(n * k, 1)
     lb_loss = e * (load * mean_probs).sum()
     offsets = torch.zeros(e + 1, dtype=torch.int64, device=logits.device)

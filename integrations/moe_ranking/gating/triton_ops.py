@@ -176,7 +176,11 @@ class _TritonGating(torch.autograd.Function):
             BLOCK_P=cfg.block_p,
             num_warps=cfg.num_warps,
         )
-        ctx.save_for_backward(logits, task_bias, ids, counts)
+        # z_loss saturates as on the torch path (reference.saturated_z_loss): the float32 sum of
+        # lse^2 overflows for router logits beyond ~1.8e19; a saturated value has no gradient.
+        z_ok = z_loss <= torch.finfo(torch.float32).max
+        z_loss = torch.where(z_ok, z_loss, torch.finfo(torch.float32).max)
+        ctx.save_for_backward(logits, task_bias, ids, counts, z_ok)
         ctx.k, ctx.renormalize, ctx.cfg = k, renormalize, cfg
         ctx.mark_non_differentiable(ids, counts, offsets, order)
         return weights, mean_probs, z_loss, lb_loss, ids, counts, offsets, order
@@ -184,7 +188,8 @@ class _TritonGating(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_w, grad_mean, grad_z, grad_lb = grads[:4]
-        logits, task_bias, ids, counts = ctx.saved_tensors
+        logits, task_bias, ids, counts, z_ok = ctx.saved_tensors
+        grad_z = torch.where(z_ok, grad_z, 0.0)
         n, e = logits.shape
         cfg = ctx.cfg
         need_logits, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
