@@ -13,6 +13,19 @@ from .base import ParamContext, UpdateTransform, flat, scalar, signed
 from .fused import AdamOperands
 
 
+def decoupled_weight_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Whether ``group``'s weight decay is decoupled (AdamW) rather than L2 (Adam).
+
+    Recent torch records the choice in the group (``decoupled_weight_decay``, which ``Adam.step``
+    reads, and which ``AdamW``, a subclass of ``Adam`` there, sets). Older torch (2.6 and before)
+    has no such key: there ``AdamW`` is a class of its own whose decay is always decoupled and
+    ``Adam``'s is always L2. The key decides where it exists, the class where it does not.
+    """
+    if "decoupled_weight_decay" in group:
+        return bool(group["decoupled_weight_decay"])
+    return isinstance(optimizer, torch.optim.AdamW)
+
+
 class AdamTransform(UpdateTransform):
     """Look-ahead of ``torch.optim.Adam`` / ``AdamW`` with every option but ``differentiable``.
 
@@ -61,7 +74,7 @@ class AdamTransform(UpdateTransform):
             "step_size": lr / (1.0 - beta1**step),
             "bc2_sqrt": math.sqrt(1.0 - beta2**step),
         }
-        ctx.scalars["decoupled"] = float(bool(group.get("decoupled_weight_decay", False)))
+        ctx.scalars["decoupled"] = float(decoupled_weight_decay(self.optimizer, group))
         return ctx
 
     def _effective(self, ctx: ParamContext, lo: int, hi: int, grads: Tensor) -> Tensor:
