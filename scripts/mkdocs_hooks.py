@@ -1,4 +1,5 @@
-"""MkDocs hooks for the documentation site (mkdocs.yml ``hooks:``): the benchmark results.
+"""MkDocs hooks for the documentation site (mkdocs.yml ``hooks:``): benchmark results, maths and
+figures.
 
 The benchmark scripts write their pages into ``docs/results/`` and new ones appear over time.
 So that a new results page neither fails the strict build (a page missing from the navigation
@@ -8,14 +9,22 @@ is a warning there) nor goes unlisted:
   "Benchmark results" section of the navigation, titled by its first heading;
 * ``on_page_markdown`` replaces the ``<!-- results-table -->`` marker of ``results/index.md``
   with a table linking every results page, with the command that produced it (read from the
-  page: its first ``Command: `...` `` line, or the script it says it was produced by).
+  page: its first ``Command: `...` `` line, or the script it says it was produced by);
+* ``on_page_content`` renders the maths (``$...$``, ``$$...$$``, marked up by
+  ``pymdownx.arithmatex``) to MathML at build time, which browsers display natively: the site
+  needs no script and no network to show it. A formula that cannot be converted fails the build;
+* ``on_page_content`` also links every figure to its full-size file (wide figures are scaled
+  down to the width of the page).
 """
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 from typing import Any
+
+from latex2mathml.converter import convert as latex_to_mathml
 
 RESULTS_SECTION = "Benchmark results"
 RESULTS_DIR = "results"
@@ -81,3 +90,42 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any, **kwargs
         title = _title(result).replace("|", "\\|")
         rows.append(f"| [{title}]({result.name}) | {_command(result)} |")
     return markdown.replace(TABLE_MARKER, "\n".join(rows))
+
+
+# pymdownx.arithmatex (generic mode): \( ... \) in a span, \[ ... \] in a div.
+_INLINE_MATH = re.compile(r'<span class="arithmatex">\\\((.*?)\\\)</span>', re.DOTALL)
+_DISPLAY_MATH = re.compile(r'<div class="arithmatex">\\\[(.*?)\\\]</div>', re.DOTALL)
+# An <img> with its own src, not already the content of a link.
+_LINKED_IMG = re.compile(r"<a\b[^>]*>\s*<img\b[^>]*>\s*</a>", re.DOTALL)
+_IMG = re.compile(r'<img\b[^>]*\bsrc="([^"]+)"[^>]*>', re.DOTALL)
+
+
+def _mathml(tex: str, display: str, page: Any) -> str:
+    source = html.unescape(tex).strip()
+    try:
+        return str(latex_to_mathml(source, display=display))
+    except Exception as err:  # any failure of the converter: a build error naming the formula
+        raise ValueError(f"{page.file.src_uri}: cannot render the formula {source!r}: {err}") from err
+
+
+def _link_figures(content: str) -> str:
+    pieces, last = [], 0
+    linked = [m.span() for m in _LINKED_IMG.finditer(content)]
+    for match in _IMG.finditer(content):
+        if any(a <= match.start() < b for a, b in linked) or "twemoji" in match.group(0):
+            continue
+        src = match.group(1)
+        pieces += [content[last : match.start()], f'<a href="{src}" title="full size">']
+        pieces += [match.group(0), "</a>"]
+        last = match.end()
+    return "".join(pieces) + content[last:]
+
+
+def on_page_content(content: str, page: Any, **kwargs: Any) -> str:
+    content = _DISPLAY_MATH.sub(
+        lambda m: f'<div class="arithmatex">{_mathml(m.group(1), "block", page)}</div>', content
+    )
+    content = _INLINE_MATH.sub(
+        lambda m: f'<span class="arithmatex">{_mathml(m.group(1), "inline", page)}</span>', content
+    )
+    return _link_figures(content)
