@@ -251,7 +251,7 @@ def main() -> None:
 def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, Any]) -> None:
     s, t = meta["trunk_params"], meta["tower_params"]
     lines = [
-        "# PUB under DDP: 2 CPU processes, gloo (issue 3)",
+        "# PUB under DDP: 2 CPU processes, gloo",
         "",
         f"- date: {meta['date']}; machine: {meta['machine']}; python {meta['python']}, "
         f"torch {meta['torch']}; one thread per process",

@@ -264,7 +264,7 @@ def main() -> None:
 
 def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, Any]) -> None:
     lines = [
-        "# Lightning callback overhead (issue 3)",
+        "# Lightning callback overhead",
         "",
         f"- date: {meta['date']}; machine: {meta['machine']}; python {meta['python']}, "
         f"torch {meta['torch']}, pytorch-lightning {meta['pytorch_lightning']}",

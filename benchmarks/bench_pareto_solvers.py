@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         "matrices. Max diff: largest absolute difference between normalised weights (sum one). "
         "(programs): convex programs the CCP solved per call.",
         "",
-        "Targets (from the issue):",
+        "Targets:",
         "",
         *verdicts,
         "",

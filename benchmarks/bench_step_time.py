@@ -969,7 +969,7 @@ def write_report(
         "their running sum)"
     )
     lines = [
-        "# Step time and memory of the PUB core (issue 2)",
+        "# Step time and memory of the PUB core",
         "",
         f"- Date: {meta['date']} (wall time of the run: {meta['wall_s'] / 60:.1f} min)",
         f"- Machine: {meta['machine']}, `torch.set_num_threads({meta['threads']})`, device "

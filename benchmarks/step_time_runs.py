@@ -104,7 +104,7 @@ def report(paths: Sequence[Path], out: Path, name: str) -> Path:
     tables = {reference: ratios(runs, reference) for reference in REFERENCES}
     tables = {r: t for r, t in tables.items() if t}
     lines = [
-        "# Step time of the PUB core: run-to-run spread (issue 2)",
+        "# Step time of the PUB core: run-to-run spread",
         "",
         f"- Command: `python benchmarks/step_time_runs.py {' '.join(_relative(p) for p in paths)}`"
         " (reads the saved runs; measures nothing)",
