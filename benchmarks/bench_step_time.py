@@ -979,6 +979,21 @@ def write_report(
         f"pub-optim at commit {meta['commit']} (when the run started)",
         f"- Command: `{meta['command']}`",
         "",
+        # The figure and the verdicts first: the tables per K below are long.
+        f"![step time]({name}.png)",
+        "",
+        "## Targets",
+        "",
+        *targets(results, methods, itemsize),
+        *(
+            []
+            if device.type == "cuda"
+            else [
+                "- No host-device synchronisation on CUDA: **not checked** (no GPU in this run; "
+                "`--device cuda` runs the check)."
+            ]
+        ),
+        "",
         "## Setup",
         f"- Model: shared trunk `{trunk}` (Linear + ReLU after each layer) = "
         f"{results[0].shared_numel:,} shared parameters; per task a tower "
@@ -1046,15 +1061,6 @@ def write_report(
             lines += ["### CUDA host-device synchronisation in `PUB.step()`", ""]
             lines += [f"- {name}: {verdict}" for name, verdict in res.sync.items()]
             lines += [""]
-    lines += ["## Targets", ""]
-    lines += targets(results, methods, itemsize)
-    if device.type != "cuda":
-        lines += [
-            "- No host-device synchronisation on CUDA: **not checked** (no GPU in this run; "
-            "`--device cuda` runs the check)."
-        ]
-    lines += [""]
-    lines += [f"![step time]({name}.png)", ""]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.md"
     path.write_text("\n".join(lines))

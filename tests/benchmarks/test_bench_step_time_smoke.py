@@ -68,6 +68,9 @@ def test_quick_run_writes_report_and_chart(bench: ModuleType, tmp_path: Path) ->
     for method in bench.all_methods():
         assert f"| {method.name} |" in text
     assert "## Targets" in text
+    # the figure and the verdicts come before the long tables
+    assert text.index("![step time](step_time.png)") < text.index("## Targets")
+    assert text.index("## Targets") < text.index("## Setup") < text.index("## K = ")
     assert "Where the time goes" in text
     assert "autograd.grad" in text and "lookahead" in text  # the breakdown was recorded
     png = tmp_path / "step_time.png"
