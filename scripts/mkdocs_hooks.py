@@ -105,7 +105,8 @@ def _mathml(tex: str, display: str, page: Any) -> str:
     try:
         return str(latex_to_mathml(source, display=display))
     except Exception as err:  # any failure of the converter: a build error naming the formula
-        raise ValueError(f"{page.file.src_uri}: cannot render the formula {source!r}: {err}") from err
+        where = page.file.src_uri
+        raise ValueError(f"{where}: cannot render the formula {source!r}: {err}") from err
 
 
 def _link_figures(content: str) -> str:

@@ -112,9 +112,7 @@ def test_cagrad_permutation_equivariant_on_colinear_tasks(
 ) -> None:
     # Updates n_k * u along one direction, with ties among the n_k.
     n = np.array(norms)
-    assert_permutation_equivariant(
-        CAGrad(), np.outer(n, n), permutation(len(n), perm_seed), 1e-9
-    )
+    assert_permutation_equivariant(CAGrad(), np.outer(n, n), permutation(len(n), perm_seed), 1e-9)
 
 
 # --------------------------------------------------------------------------- Nash (Newton)

@@ -4,12 +4,16 @@ every platform (Triton publishes wheels for Linux only)."""
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -38,9 +42,7 @@ def _requirements(extra: str, seen: frozenset[str] = frozenset()) -> list[Requir
 def test_triton_is_only_required_on_linux(platform: str) -> None:
     env = {**default_environment(), **PLATFORMS[platform]}
     for extra in PROJECT["optional-dependencies"]:
-        names = {
-            r.name for r in _requirements(extra) if r.marker is None or r.marker.evaluate(env)
-        }
+        names = {r.name for r in _requirements(extra) if r.marker is None or r.marker.evaluate(env)}
         assert ("triton" in names) == (platform == "linux" and extra in ("triton", "all")), extra
 
 

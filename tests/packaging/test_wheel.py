@@ -49,8 +49,18 @@ def test_wheel_installs_into_a_fresh_venv_and_works(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     # --no-build-isolation: the build requirement (setuptools) of this environment, so the test
     # needs no index.
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", dist, ROOT)
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        dist,
+        ROOT,
+    )
     (wheel,) = dist.glob("pub_optim-*.whl")
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", venv)
@@ -58,8 +68,9 @@ def test_wheel_installs_into_a_fresh_venv_and_works(tmp_path: Path) -> None:
     # torch and numpy (the only runtime dependencies) come from this environment: a .pth puts its
     # site-packages after the fresh venv's own (the editable pub_optim of this environment is
     # not on that path: its finder is loaded by a .pth file, which a path entry does not run).
-    fresh = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-                 .strip())
+    fresh = Path(
+        _run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip()
+    )
     (fresh / "deps-from-dev-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # the fresh venv's own setuptools (if its Python bundles one) is older than what torch needs
     _run(python, "-m", "pip", "uninstall", "-q", "-y", "setuptools")
