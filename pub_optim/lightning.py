@@ -1,5 +1,8 @@
 """PyTorch Lightning integration: one callback turns an ordinary training into PUB training.
 
+Works with ``pytorch_lightning`` and with the unified ``lightning`` package (``lightning.pytorch``),
+installed side by side.
+
     trainer = Trainer(callbacks=[UpdateBalancing(strategy="pareto")])
 
 Contract (automatic optimisation stays on): ``training_step`` returns the total loss and the
@@ -232,7 +235,8 @@ class UpdateBalancing(_CallbackBase):
         check_total: on the first step, check that ``"loss"`` equals the sum of the task losses
             (the gradients come from the task losses only: a regulariser in ``"loss"`` alone would
             be silently dropped).
-        log_stats: log the task weights and per-task update norms through ``pl_module.log``.
+        log_stats: log the task weights and per-task update norms (how and when: see
+            ``log_every_n_steps``).
         log_cosines: also log the pairwise update cosines (``K (K - 1) / 2`` values).
         prog_bar: show the task weights in the progress bar.
         log_every_n_steps: ``None`` (default): log on the trainer's schedule (its
