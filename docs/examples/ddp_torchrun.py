@@ -89,6 +89,9 @@ def main() -> None:
     assert all(torch.equal(gathered[0], g) for g in gathered), "ranks diverged"
     if rank == 0:
         print(f"OK: parameters identical on {world} ranks (pid {os.getpid()})")
+    # every rank reaches this point before any tears down its connections: a rank that destroys
+    # the group while its peer still finishes the last collective can abort the peer at exit
+    dist.barrier()
     dist.destroy_process_group()
 
 
