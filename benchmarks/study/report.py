@@ -157,6 +157,14 @@ def _p(c: Comparison) -> str:
     return f"{c.p:.3f}{mark}"
 
 
+def _shown(folder: Path) -> str:
+    """``folder`` relative to the repository where it lies inside it."""
+    try:
+        return str(folder.resolve().relative_to(Path(__file__).resolve().parents[2]))
+    except ValueError:
+        return str(folder)
+
+
 # ----------------------------------------------------------------------------------- plots
 def plot_auc(cells: dict[tuple[str, str, str], Cell], dataset: str, path: Path) -> None:
     """Per-task test AUC (mean ± sd over seeds) per method, one panel per (task, model)."""
@@ -514,11 +522,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _shown(folder: Path) -> str:
-    """``folder`` relative to the repository where it lies inside it."""
-    try:
-        return str(folder.resolve().relative_to(Path(__file__).resolve().parents[2]))
-    except ValueError:
-        return str(folder)

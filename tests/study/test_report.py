@@ -80,3 +80,19 @@ def test_report_files(folder: Path, tmp_path: Path) -> None:
     assert out.with_name("study_quick_toy_auc.png").stat().st_size > 0
     assert out.with_name("study_quick_weights.png").stat().st_size > 0
     assert json.loads((folder / "toy" / "mmoe" / "equal" / "seed0.json").read_text())["key"]
+
+
+def test_report_command_of_the_docstring_runs(folder: Path, tmp_path: Path) -> None:
+    """``python -m benchmarks.study.report`` (the command in its docstring) writes the report."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out" / "study.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.study.report", "--run-dir", str(folder),
+         "--out", str(out)],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "| mmoe | **PUB pareto** |" in out.read_text()
