@@ -34,9 +34,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.study.methods import METHOD_NAMES, METHODS  # noqa: E402
+from benchmarks.study.provenance import ProvenanceError, code_state, cpu_model  # noqa: E402
 from benchmarks.study.report import build_cells, compare, load_runs  # noqa: E402
 from benchmarks.study.run_study import execute, plan, update_manifest  # noqa: E402
-from benchmarks.study.train import RunKey, Settings  # noqa: E402
+from benchmarks.study.train import RunKey, Settings, utc_now  # noqa: E402
 
 COUNTRIES = ("NL", "ES", "FR", "US")
 MODELS = ("mmoe", "ple")
@@ -160,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--cache", type=Path, default=REPO / "runs" / "paper_protocol")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "paper_protocol.md")
+    p.add_argument(
+        "--allow-dirty", action="store_true",
+        help="train on a checkout with uncommitted code changes (records marked dirty)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rerun-stale", action="store_true",
+        help="retrain cached records that ran at other code instead of refusing them",
+    )  # fmt: skip
     return p
 
 
@@ -184,12 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     keys = plan(datasets, list(args.models), methods, list(args.seeds))
     command = "python -m benchmarks.study.paper_protocol " + shlex.join(argv or sys.argv[1:])
     started = time.perf_counter()
-    done, cached, failures = execute(keys, settings, folder, args.jobs)
+    started_utc = utc_now()
+    try:
+        done, cached, failures = execute(
+            keys, settings, folder, args.jobs,
+            allow_dirty=args.allow_dirty, rerun_stale=args.rerun_stale,
+        )  # fmt: skip
+    except ProvenanceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - started
+    state = code_state()
     update_manifest(
         folder,
-        {"command": command, "wall_time_s": wall, "jobs": args.jobs, "trained": done,
-         "cached": cached, "failed": [f"{k.label()}: {m}" for k, m in failures]},
+        {"command": command, "started_utc": started_utc, "finished_utc": utc_now(),
+         "wall_time_s": wall, "jobs": args.jobs, "trained": done, "cached": cached,
+         "failed": [f"{k.label()}: {m}" for k, m in failures], "cpu_model": cpu_model(),
+         "commit": state["commit"], "code_id": state["code_id"], "dirty": state["dirty"]},
         settings,
     )  # fmt: skip
     text = table(folder, keys, methods)

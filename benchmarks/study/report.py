@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import BASELINE, METHODS
+from .provenance import ProvenanceError, check_one_code_state
 from .train import RunKey
 
 ALPHA = 0.05
@@ -165,6 +167,21 @@ def _shown(folder: Path) -> str:
         return str(folder)
 
 
+def checked_invocations(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's invocations, refusing any the runner did not write (digest mismatch)."""
+    from .run_study import invocation_digest
+
+    invocations = list(manifest.get("invocations", []))
+    for i, entry in enumerate(invocations):
+        if entry.get("digest") != invocation_digest(entry):
+            raise ProvenanceError(
+                f"manifest invocation {i + 1} ({entry.get('command', '?')!r}) was not written by "
+                "the runner as it stands (its digest does not match): manifests are not edited "
+                "by hand; rerun the invocation, or remove the entry and its runs"
+            )
+    return invocations
+
+
 # ----------------------------------------------------------------------------------- plots
 def plot_auc(cells: dict[tuple[str, str, str], Cell], dataset: str, path: Path) -> None:
     """Per-task test AUC (mean ± sd over seeds) per method, one panel per (task, model)."""
@@ -256,11 +273,17 @@ def write_report(
     keys: Sequence[RunKey] | None = None,
     profile: str = "full",
     command: str = "",
+    allow_dirty: bool = False,
 ) -> str:
-    """Write ``out`` (markdown) and its PNGs next to it; returns the markdown."""
+    """Write ``out`` (markdown) and its PNGs next to it; returns the markdown.
+
+    Refuses (:class:`ProvenanceError`) records of more than one code state, or from a dirty
+    checkout unless ``allow_dirty`` (a smoke check; the report then says it is not evidence).
+    """
     runs = load_runs(folder, keys)
     if not runs:
-        raise SystemExit(f"no cached runs under {folder}")
+        raise ProvenanceError(f"no cached runs under {folder}")
+    origin = check_one_code_state(runs, allow_dirty=allow_dirty)
     cells = build_cells(runs)
     comparisons: dict[tuple[str, str, str], Comparison] = {}
     for (d, m, n), cell in cells.items():
@@ -277,6 +300,12 @@ def write_report(
     if quick:
         title = "Quick smoke run of the quality study (NOT the study)"
     lines += [f"# {title}", ""]
+    if origin["dirty"]:
+        lines += [
+            "> **Not evidence: trained on a checkout with uncommitted code changes**, so no commit",
+            "> names the code these numbers came from.",
+            "",
+        ]
     if quick:
         lines += [
             "> **Quick smoke run, not the study.** Two epochs on 8,000 training rows, two seeds:",
@@ -287,15 +316,16 @@ def write_report(
         ]
     seeds = sorted({int(r["key"]["seed"]) for r in runs})
     env = runs[0].get("environment", {})
+    versions = origin["versions"]
+    commits = origin["commits"]
     settings = runs[0].get("settings", {})
     total_run_s = sum(float(r["wall_time_s"]) for r in runs)
     manifest: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         manifest = json.loads((folder / "manifest.json").read_text())
-    invocations = manifest.get("invocations", [])
+    invocations = checked_invocations(manifest)
     wall_s = sum(float(i.get("wall_time_s", 0.0)) for i in invocations)
     jobs = ", ".join(str(j) for j in sorted({int(i.get("jobs", 1)) for i in invocations}))
-    import numpy
     import scipy
 
     lines += [
@@ -317,11 +347,17 @@ def write_report(
         f"{settings.get('max_eval_rows') or 'all'}, CAGrad c {settings.get('cagrad_c')}",
         f"- Wall time: {wall_s / 60:.1f} min over the invocations ({jobs} job(s)); the runs "
         f"themselves took {total_run_s / 60:.1f} min of worker time in total",
-        f"- Machine: {env.get('platform', '?')}, {env.get('cpus', '?')} CPUs (shared with other "
-        f"work), {env.get('torch_threads', '?')} torch thread per run; python "
-        f"{env.get('python', '?')}, torch {env.get('torch', '?')}, pytorch-lightning "
-        f"{env.get('pytorch_lightning', '?')}, numpy {numpy.__version__}, scipy "
-        f"{scipy.__version__}",
+        f"- Code: commit{'s' if len(commits) > 1 else ''} "
+        + ", ".join(f"`{c[:12]}`" for c in commits)
+        + f" (code id `{origin['code_id']}`: every run executed the same code; commits that "
+        "only add records share it), clean checkout",
+        f"- Machine: {origin['cpu_model']}, {env.get('platform', '?')}, {env.get('cpus', '?')} "
+        f"CPUs (shared with other work), {env.get('torch_threads', '?')} torch thread per run; "
+        f"python {versions['python']}, torch {versions['torch']}, pytorch-lightning "
+        f"{versions['pytorch_lightning']}, numpy {versions['numpy']}, pub_optim "
+        f"{versions['pub_optim']}, scipy {scipy.__version__} (report). Bit-identical when rerun "
+        "on this CPU model with these versions; on another CPU model per-seed AUCs can differ "
+        "by ~1e-3 (see `benchmarks/study/provenance.py`)",
         f"- Records: `{_shown(folder)}` (one JSON per run; the full profile's are committed)",
         "",
         "Statistics: per-task test AUC mean ± standard deviation over seeds. Delta-m (Maninis et "
@@ -514,8 +550,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", choices=("full", "quick"), default="full")
+    parser.add_argument(
+        "--allow-dirty", action="store_true",
+        help="accept records from a dirty checkout (the report is marked as not evidence)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    write_report(args.run_dir, args.out, profile=args.profile)
+    try:
+        write_report(args.run_dir, args.out, profile=args.profile, allow_dirty=args.allow_dirty)
+    except ProvenanceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

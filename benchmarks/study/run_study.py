@@ -21,14 +21,15 @@ not the study.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import platform
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.study.methods import METHOD_NAMES  # noqa: E402
-from benchmarks.study.train import RunKey, Settings, load_cached, run_one  # noqa: E402
+from benchmarks.study.provenance import ProvenanceError, code_state, cpu_model  # noqa: E402
+from benchmarks.study.train import (  # noqa: E402
+    RunKey,
+    Settings,
+    load_cached,
+    read_record,
+    run_one,
+    utc_now,
+    write_json_atomic,
+)
 
 DATASETS = ("adult", "movielens")
 MODELS = ("shared-bottom", "mmoe", "ple", "sparse-moe")
@@ -67,22 +77,73 @@ def plan(
     ]
 
 
+def invocation_digest(entry: Mapping[str, Any]) -> str:
+    """Hash of a manifest entry without its ``digest``: an entry edited by hand no longer
+    matches, and the report refuses it."""
+    body = {k: v for k, v in entry.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def update_manifest(folder: Path, entry: dict[str, Any], settings: Settings) -> None:
+    """Append one invocation (signed with :func:`invocation_digest`) to ``manifest.json``."""
     path = folder / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):
         manifest = {"settings": settings.to_json(), "settings_id": settings.identity()}
+    entry = {**entry, "digest": invocation_digest(entry)}
     manifest.setdefault("invocations", []).append(entry)
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=1))
+    write_json_atomic(path, manifest)
+
+
+def check_code_state(
+    keys: list[RunKey], settings: Settings, folder: Path, allow_dirty: bool, rerun_stale: bool
+) -> dict[str, Any]:
+    """The checkout's code state, after refusing a dirty tree (unless ``allow_dirty``) and
+    cached records of other code (unless ``rerun_stale``, which retrains them)."""
+    state = code_state()
+    if state["dirty"] and not allow_dirty:
+        raise ProvenanceError(
+            "the checkout has uncommitted changes to the code the study runs ("
+            + ", ".join(state["dirty_files"][:5])
+            + "): commit them first, so every record names the code it ran (--allow-dirty "
+            "trains anyway, and the report refuses those records)"
+        )
+    stale = []
+    for key in keys:
+        record = read_record(key.path(folder))
+        if record is None or record.get("settings_id") != settings.identity():
+            continue
+        if load_cached(key.path(folder), settings, state["code_id"], allow_dirty) is None:
+            stale.append(key.label())
+    if stale and not rerun_stale:
+        raise ProvenanceError(
+            f"{len(stale)} cached records under {folder} ran at other code (or on a dirty "
+            f"checkout), e.g. {stale[0]}: a study's runs share one code state. Pass "
+            "--rerun-stale to retrain them at this commit, or use another --cache"
+        )
+    return state
 
 
 def execute(
-    keys: list[RunKey], settings: Settings, folder: Path, jobs: int, log: Any = print
+    keys: list[RunKey],
+    settings: Settings,
+    folder: Path,
+    jobs: int,
+    log: Any = print,
+    allow_dirty: bool = False,
+    rerun_stale: bool = False,
 ) -> tuple[int, int, list[tuple[RunKey, str]]]:
-    """Train the runs not yet cached; returns ``(done, cached, failures)``."""
-    pending = [k for k in keys if load_cached(k.path(folder), settings) is None]
+    """Train the runs not yet cached at this code state; returns ``(done, cached, failures)``.
+
+    Raises :class:`ProvenanceError` before any work on a dirty checkout or stale records (see
+    :func:`check_code_state`).
+    """
+    code_id = check_code_state(keys, settings, folder, allow_dirty, rerun_stale)["code_id"]
+    pending = [
+        k for k in keys if load_cached(k.path(folder), settings, code_id, allow_dirty) is None
+    ]
     cached = len(keys) - len(pending)
     log(f"{len(keys)} runs: {cached} cached, {len(pending)} to train with {jobs} job(s)")
     failures: list[tuple[RunKey, str]] = []
@@ -99,7 +160,7 @@ def execute(
     if jobs <= 1:
         for key in pending:
             try:
-                report(*run_one(key, settings, str(folder)))
+                report(*run_one(key, settings, str(folder), code_id, allow_dirty))
             except Exception as exc:  # one failed run must not stop the study
                 failures.append((key, f"{type(exc).__name__}: {exc}"))
                 log(f"FAILED {key.label()}: {type(exc).__name__}: {exc}")
@@ -107,7 +168,8 @@ def execute(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures: dict[Future[tuple[RunKey, str, float]], RunKey] = {
-            pool.submit(run_one, key, settings, str(folder)): key for key in pending
+            pool.submit(run_one, key, settings, str(folder), code_id, allow_dirty): key
+            for key in pending
         }
         remaining = set(futures)
         while remaining:
@@ -142,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="markdown report to write (default docs/results/study.md, quick: study_quick.md)",
     )  # fmt: skip
     p.add_argument("--no-report", action="store_true", help="train only")
+    p.add_argument(
+        "--allow-dirty", action="store_true",
+        help="train on a checkout with uncommitted code changes (its records are marked dirty and "
+        "no report accepts them; for development only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rerun-stale", action="store_true",
+        help="retrain cached records that ran at other code instead of refusing them",
+    )  # fmt: skip
     p.add_argument("--report-only", action="store_true", help="aggregate the cache only")
     return p
 
@@ -161,18 +232,32 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[tuple[RunKey, str]] = []
     if not args.report_only:
         print(f"profile {profile}, settings {settings.identity()}, cache {folder}")
-        done, cached, failures = execute(keys, settings, folder, args.jobs)
+        started_utc = utc_now()
+        try:
+            done, cached, failures = execute(
+                keys, settings, folder, args.jobs,
+                allow_dirty=args.allow_dirty, rerun_stale=args.rerun_stale,
+            )  # fmt: skip
+        except ProvenanceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        state = code_state()
         update_manifest(
             folder,
             {
                 "command": command,
-                "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+                "started_utc": started_utc,
+                "finished_utc": utc_now(),
                 "wall_time_s": time.perf_counter() - started,
                 "jobs": args.jobs,
                 "trained": done,
                 "cached": cached,
                 "failed": [f"{k.label()}: {msg}" for k, msg in failures],
                 "host": platform.node(),
+                "cpu_model": cpu_model(),
+                "commit": state["commit"],
+                "code_id": state["code_id"],
+                "dirty": state["dirty"],
             },
             settings,
         )
@@ -184,7 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         out = args.report if args.report is not None else REPO / REPORTS[profile]
         # The command that trained the runs (a --report-only call only re-renders them).
         shown = "" if args.report_only else command
-        write_report(folder, out, keys=keys, profile=profile, command=shown)
+        try:
+            write_report(
+                folder, out, keys=keys, profile=profile, command=shown,
+                allow_dirty=args.allow_dirty,
+            )  # fmt: skip
+        except ProvenanceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"wrote {out}")
     return 1 if failures else 0
 

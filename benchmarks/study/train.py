@@ -46,8 +46,11 @@ from pub_optim.loss_weighting import FAMO, UncertaintyWeighting
 from pub_optim.strategies import CAGrad, PCGrad, UpdateBalancer
 
 from .methods import Method, get_method
+from .provenance import provenance
 
-SCHEMA = 1
+#: 2: records carry ``provenance`` (commit, dirty flag, code id, versions, CPU model) and the
+#: run's real ``started_utc`` / ``finished_utc``.
+SCHEMA = 2
 
 
 # --------------------------------------------------------------------------------- settings
@@ -341,7 +344,20 @@ def environment() -> dict[str, str]:
     }
 
 
-def result_json(key: RunKey, settings: Settings, outcome: Outcome) -> dict[str, Any]:
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (``2026-12-02T19:40:03Z``)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def result_json(
+    key: RunKey,
+    settings: Settings,
+    outcome: Outcome,
+    started_utc: str,
+    origin: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run's record; ``origin`` is its :func:`~benchmarks.study.provenance.provenance`
+    (taken now when None) and ``started_utc`` when training began."""
     every = max(1, settings.weights_every)
     rows = outcome.weights
     kept = rows[::every]
@@ -362,7 +378,9 @@ def result_json(key: RunKey, settings: Settings, outcome: Outcome) -> dict[str, 
         "weights": {"every": every, "rows": kept},
         "training_path": outcome.path,
         "environment": environment(),
-        "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "provenance": dict(origin) if origin is not None else provenance(),
+        "started_utc": started_utc,
+        "finished_utc": utc_now(),
     }
 
 
@@ -373,27 +391,50 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp.replace(path)
 
 
-def load_cached(path: Path, settings: Settings) -> dict[str, Any] | None:
-    """The cached result at ``path`` if it exists, is readable and has these settings."""
+def read_record(path: Path) -> dict[str, Any] | None:
     try:
         payload = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return payload if isinstance(payload, dict) else None
+
+
+def load_cached(
+    path: Path, settings: Settings, code_id: str | None = None, accept_dirty: bool = False
+) -> dict[str, Any] | None:
+    """The cached result at ``path`` if it exists, is readable, has these settings and (when
+    ``code_id`` is given) ran at that code state, on a clean checkout unless ``accept_dirty``."""
+    payload = read_record(path)
+    if payload is None:
+        return None
     if payload.get("schema") != SCHEMA or payload.get("settings_id") != settings.identity():
         return None
+    if code_id is not None:
+        origin = payload.get("provenance", {})
+        if origin.get("code_id") != code_id or (origin.get("dirty", True) and not accept_dirty):
+            return None
     return payload
 
 
-def run_one(key: RunKey, settings: Settings, root: str) -> tuple[RunKey, str, float]:
+def run_one(
+    key: RunKey,
+    settings: Settings,
+    root: str,
+    code_id: str | None = None,
+    accept_dirty: bool = False,
+) -> tuple[RunKey, str, float]:
     """Train ``key`` unless cached; returns ``(key, "cached" | "done", seconds)``.
 
     Runs in a worker process: torch uses one thread (the models are small and the cores shared).
+    The record's provenance is taken when the run starts.
     """
     path = key.path(Path(root))
-    if load_cached(path, settings) is not None:
+    if load_cached(path, settings, code_id, accept_dirty) is not None:
         return key, "cached", 0.0
     torch.set_num_threads(1)
+    started = utc_now()
+    origin = provenance()
     data = get_data(key.dataset, settings)
     outcome = train_method(key, settings, data)
-    write_json_atomic(path, result_json(key, settings, outcome))
+    write_json_atomic(path, result_json(key, settings, outcome, started, origin))
     return key, "done", outcome.wall_time_s

@@ -20,6 +20,17 @@ AUCS = {
 }
 
 
+PROVENANCE = {
+    "commit": "a" * 40,
+    "dirty": False,
+    "dirty_files": [],
+    "code_id": "c0de",
+    "versions": {"python": "3", "torch": "2", "pytorch_lightning": "2", "numpy": "1",
+                 "pub_optim": "0.1"},
+    "cpu_model": "Toy CPU",
+}  # fmt: skip
+
+
 def fake_run(key: RunKey, aucs: list[float]) -> dict:
     tasks = ["a", "b"]
     return {
@@ -33,6 +44,7 @@ def fake_run(key: RunKey, aucs: list[float]) -> dict:
         "epochs_run": 1,
         "weights": {"every": 1, "rows": [[0.0, 0.5, 0.5], [1.0, 0.6, 0.4]]},
         "environment": {"torch": "x"},
+        "provenance": dict(PROVENANCE),
     }
 
 
@@ -96,3 +108,57 @@ def test_report_command_of_the_docstring_runs(folder: Path, tmp_path: Path) -> N
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "| mmoe | **PUB pareto** |" in out.read_text()
+
+
+def _rewrite(folder: Path, method: str, seed: int, **changes: object) -> None:
+    path = RunKey("toy", "mmoe", method, seed).path(folder)
+    record = json.loads(path.read_text())
+    record["provenance"].update(changes)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"code_id": "other"}, "mix 2 code states"),
+        ({"cpu_model": "Other CPU"}, "mix 2 CPU models"),
+        ({"dirty": True, "dirty_files": ["pub_optim/wrapper.py"]}, "uncommitted code changes"),
+    ],
+)
+def test_report_refuses_records_of_more_than_one_code_state(
+    folder: Path, tmp_path: Path, changes: dict, message: str
+) -> None:
+    from benchmarks.study.provenance import ProvenanceError
+
+    _rewrite(folder, "mgda", 1, **changes)
+    out = tmp_path / "refused.md"
+    with pytest.raises(ProvenanceError, match=message):
+        write_report(folder, out)
+    assert not out.exists()
+
+
+def test_report_refuses_records_without_provenance(folder: Path, tmp_path: Path) -> None:
+    from benchmarks.study.provenance import ProvenanceError
+    from benchmarks.study.report import main
+
+    path = RunKey("toy", "mmoe", "equal", 0).path(folder)
+    record = json.loads(path.read_text())
+    del record["provenance"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(ProvenanceError, match="carry no provenance"):
+        write_report(folder, tmp_path / "x.md")
+    assert main(["--run-dir", str(folder), "--out", str(tmp_path / "x.md")]) == 2
+
+
+def test_report_refuses_a_hand_edited_manifest(folder: Path, tmp_path: Path) -> None:
+    from benchmarks.study.provenance import ProvenanceError
+    from benchmarks.study.run_study import update_manifest
+
+    update_manifest(folder, {"command": "python -m x", "wall_time_s": 60.0, "jobs": 1}, Settings())
+    text = write_report(folder, tmp_path / "ok.md")
+    assert "Wall time: 1.0 min" in text and "`aaaaaaaaaaaa`" in text and "Toy CPU" in text
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["invocations"][0]["wall_time_s"] = 9000.0
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ProvenanceError, match="not written by the runner"):
+        write_report(folder, tmp_path / "edited.md")

@@ -19,9 +19,16 @@ SETTINGS = Settings(
 )
 
 
+def run(keys: list[RunKey], folder: Path, jobs: int = 1) -> tuple:
+    """The runner as the tests use it: quiet, and on whatever checkout the tests run in."""
+    return run_study.execute(
+        keys, SETTINGS, folder, jobs=jobs, log=lambda _: None, allow_dirty=True
+    )
+
+
 def test_every_method_runs_caches_and_resumes(tmp_path: Path) -> None:
     keys = run_study.plan(["synthetic"], ["mmoe"], list(METHOD_NAMES), [0])
-    done, cached, failures = run_study.execute(keys, SETTINGS, tmp_path, jobs=1, log=lambda _: None)
+    done, cached, failures = run(keys, tmp_path)
     assert (done, cached, failures) == (len(METHOD_NAMES), 0, [])
     for key in keys:
         payload = load_cached(key.path(tmp_path), SETTINGS)
@@ -29,7 +36,7 @@ def test_every_method_runs_caches_and_resumes(tmp_path: Path) -> None:
         assert set(payload["test"]) >= {"test/auc/task_a", "test/auc/task_b", "test/mean_auc"}
         assert payload["weights"]["rows"], key
     stamp = keys[0].path(tmp_path).stat().st_mtime_ns
-    assert run_study.execute(keys, SETTINGS, tmp_path, jobs=1, log=lambda _: None)[:2] == (
+    assert run(keys, tmp_path)[:2] == (
         0,
         len(keys),
     )
@@ -37,7 +44,7 @@ def test_every_method_runs_caches_and_resumes(tmp_path: Path) -> None:
     # Other settings never reuse these results; a corrupt file is retrained.
     assert load_cached(keys[0].path(tmp_path), Settings(epochs=2)) is None
     keys[1].path(tmp_path).write_text("{not json")
-    assert run_study.execute(keys, SETTINGS, tmp_path, jobs=1, log=lambda _: None)[:2] == (
+    assert run(keys, tmp_path)[:2] == (
         1,
         len(keys) - 1,
     )
@@ -47,8 +54,8 @@ def test_every_method_runs_caches_and_resumes(tmp_path: Path) -> None:
 def test_parallel_workers_match_in_process(tmp_path: Path) -> None:
     keys = [RunKey("synthetic", "mmoe", "pub-pareto", s) for s in (0, 1)]
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
-    run_study.execute(keys, SETTINGS, serial, jobs=1, log=lambda _: None)
-    done, _, failures = run_study.execute(keys, SETTINGS, parallel, jobs=2, log=lambda _: None)
+    run(keys, serial)
+    done, _, failures = run(keys, parallel, jobs=2)
     assert done == 2 and not failures
     for key in keys:
         a = json.loads(key.path(serial).read_text())
@@ -61,7 +68,7 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
         RunKey("synthetic", "no-such-model", "equal", 0),
         RunKey("synthetic", "mmoe", "equal", 0),
     ]
-    done, _, failures = run_study.execute(keys, SETTINGS, tmp_path, jobs=1, log=lambda _: None)
+    done, _, failures = run(keys, tmp_path)
     assert done == 1 and len(failures) == 1 and "no-such-model" in failures[0][1]
 
 
@@ -74,7 +81,7 @@ def test_cli_quick_on_adult(tmp_path: Path) -> None:
     report = tmp_path / "study_quick.md"
     cache = str(tmp_path / "cache")
     argv = ["--quick", "--datasets", "adult", "--models", "mmoe", "--methods", "pub-pareto",
-            "--seeds", "0", "--cache", cache, "--report", str(report)]  # fmt: skip
+            "--seeds", "0", "--cache", cache, "--report", str(report), "--allow-dirty"]  # fmt: skip
     assert run_study.main(argv) == 0
     text = report.read_text()
     assert "NOT the study" in text and "PUB pareto" in text and "--methods pub-pareto" in text
