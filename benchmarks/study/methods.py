@@ -7,8 +7,10 @@ serves as a test oracle for PCGrad and CAGrad and as a cost reference (UPGrad) i
 
 from __future__ import annotations
 
+import inspect
+import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Kind = Literal["plain", "callback", "loss-weighting"]
 
@@ -26,8 +28,12 @@ class Method:
         strategy: the ``pub_optim`` strategy name for ``"callback"`` methods.
         space: ``"update"`` (PUB) or ``"gradient"`` (gradient balancing).
         balancer: the integration's ``TrainConfig.balancer`` when ``run_training`` supports the
-            method as is (else None: the study's own training path, ``train.train_custom``).
+            method as is (else None: it trains through ``run_training``'s hooks).
         source: the paper, and which implementation.
+        options: further ``UpdateBalancing`` keyword options (``state="per_task"``), as
+            ``(name, value)`` pairs.
+        fixed_ones: the strategy is fixed weights of 1 on every task, not normalised (what the
+            PUB paper's released code effectively ran).
     """
 
     name: str
@@ -37,6 +43,11 @@ class Method:
     space: str = "gradient"
     balancer: str | None = None
     source: str = ""
+    options: tuple[tuple[str, Any], ...] = ()
+    fixed_ones: bool = False
+
+    def callback_options(self) -> dict[str, Any]:
+        return dict(self.options)
 
 
 METHODS: dict[str, Method] = {
@@ -91,11 +102,64 @@ METHODS: dict[str, Method] = {
             "pub-pareto", "PUB pareto", "callback", "pareto", "update", "pareto",
             source="PUB, Nash bargaining on the updates (the paper's choice); own",
         ),
+        Method(
+            "pub-pareto-per-task", "PUB pareto, per-task state", "callback", "pareto", "update",
+            options=(("state", "per_task"),),
+            source="PUB pareto with one optimizer state per task on the shared parameters "
+            "(the idea of AdaTask, Yang et al. AAAI 2023); own (state='per_task')",
+        ),
+        Method(
+            "pub-pareto-marginal", "PUB pareto, marginal", "callback", "pareto", "marginal",
+            source="PUB pareto on the task-attributable parts d_k - d_0 of the updates; own "
+            "(space='marginal')",
+        ),
+        Method(
+            "per-task-equal", "Per-task state, equal", "callback", "equal", "update",
+            options=(("state", "per_task"),),
+            source="per-task optimizer state with equal weights: the ablation that separates "
+            "per-task state from balancing; own (strategy 'equal', state='per_task')",
+        ),
+        Method(
+            "as-released", "As released (weights 1)", "callback", "fixed-ones", "update",
+            fixed_ones=True,
+            source="what the PUB paper's released code effectively ran: update space, weights "
+            "fixed at 1 on every task, not normalised (pub_optim.strategies.Fixed, "
+            "normalization='none')",
+        ),
     )
 }  # fmt: skip
 
 METHOD_NAMES = tuple(METHODS)
 BASELINE = "equal"
+
+
+#: Methods of the study proper (``as-released`` belongs to the paper protocol).
+STUDY_METHODS = tuple(n for n in METHODS if n != "as-released")
+
+
+def unavailable(method: Method) -> str | None:
+    """Why the installed ``pub_optim`` cannot train ``method`` (None when it can)."""
+    if method.kind != "callback":
+        return None
+    try:
+        from pub_optim import wrapper
+        from pub_optim.lightning import UpdateBalancing
+    except ImportError as exc:
+        return f"{method.name} needs pub_optim.lightning ({exc})"
+    accepted = inspect.signature(UpdateBalancing.__init__).parameters
+    missing = [k for k, _ in method.options if k not in accepted]
+    if missing:
+        return (
+            f"method {method.name!r} needs UpdateBalancing({', '.join(missing)}=...), which the "
+            "installed pub_optim lacks; update pub_optim or leave the method out"
+        )
+    spaces = typing.get_args(getattr(wrapper, "Space", Literal["update", "gradient"]))
+    if method.space not in spaces:
+        return (
+            f"method {method.name!r} needs space={method.space!r}, which the installed pub_optim "
+            f"lacks (it has {', '.join(map(repr, spaces))}); update pub_optim or leave it out"
+        )
+    return None
 
 
 def get_method(name: str) -> Method:

@@ -37,8 +37,15 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.study.methods import METHOD_NAMES  # noqa: E402
+from benchmarks.study.methods import (  # noqa: E402
+    METHOD_NAMES,
+    STUDY_METHODS,
+    get_method,
+    unavailable,
+)
+from benchmarks.study.protocol import runs_at  # noqa: E402
 from benchmarks.study.provenance import ProvenanceError, code_state, cpu_model  # noqa: E402
+from benchmarks.study.scenarios import SCENARIOS, get_scenario  # noqa: E402
 from benchmarks.study.train import (  # noqa: E402
     RunKey,
     Settings,
@@ -49,7 +56,8 @@ from benchmarks.study.train import (  # noqa: E402
     write_json_atomic,
 )
 
-DATASETS = ("adult", "movielens")
+DATASETS = tuple(SCENARIOS)
+DEFAULT_DATASETS = ("adult", "movielens")
 MODELS = ("shared-bottom", "mmoe", "ple", "sparse-moe")
 PROFILES: dict[str, tuple[Settings, tuple[int, ...]]] = {
     "full": (Settings(), (0, 1, 2, 3, 4)),
@@ -71,10 +79,35 @@ def run_dir(cache: Path, profile: str, settings: Settings) -> Path:
 def plan(
     datasets: list[str], models: list[str], methods: list[str], seeds: list[int]
 ) -> list[RunKey]:
-    """All runs, grouped by dataset (each worker loads a dataset once) then model and method."""
-    return [
-        RunKey(d, m, meth, s) for d in datasets for m in models for meth in methods for s in seeds
-    ]
+    """All runs, grouped by dataset (each worker loads a dataset once) then model and method.
+
+    A method that duplicates another at the scenario's number of tasks (K = 2: PUB
+    equal-magnitude = PUB pareto, IMTL-G = Nash-MTL; see ``protocol``) is left out.
+    """
+    keys = []
+    for d in datasets:
+        scenario = get_scenario(d)
+        k = scenario.num_tasks if scenario is not None else 0
+        keys += [
+            RunKey(d, m, meth, s)
+            for m in models
+            for meth in methods
+            if k == 0 or runs_at(meth, k)
+            for s in seeds
+        ]
+    return keys
+
+
+def refusals(datasets: list[str], methods: list[str]) -> list[str]:
+    """Why some of these scenarios or methods cannot run with the installed code."""
+    out = []
+    for d in datasets:
+        scenario = get_scenario(d)
+        reason = scenario.unavailable() if scenario is not None else None
+        if reason:
+            out.append(reason)
+    out += [r for r in (unavailable(get_method(m)) for m in methods) if r]
+    return out
 
 
 def invocation_digest(entry: Mapping[str, Any]) -> str:
@@ -190,9 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="the smoke-check profile (see above)")
     p.add_argument("--seeds", type=int, nargs="+", help="default: 0-4 (quick: 0 1)")
-    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    p.add_argument(
+        "--datasets", nargs="+", choices=DATASETS, default=list(DEFAULT_DATASETS),
+        help="scenarios (benchmarks/study/scenarios.py; default: adult movielens)",
+    )  # fmt: skip
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
+    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(STUDY_METHODS))
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument(
         "--cache", type=Path, default=None,
@@ -226,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         args.methods = ["equal", *args.methods]  # the baseline of every comparison
     cache = args.cache if args.cache is not None else DEFAULT_CACHE[profile]
     folder = run_dir(cache, profile, settings)
+    problems = refusals(args.datasets, args.methods)
+    if problems and not args.report_only:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     keys = plan(args.datasets, args.models, args.methods, seeds)
     command = "python -m benchmarks.study.run_study " + shlex.join(argv or sys.argv[1:])
     started = time.perf_counter()

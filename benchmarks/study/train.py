@@ -1,13 +1,12 @@
 """Training one (dataset, model, method, seed) of the study and caching its result as JSON.
 
-Methods that the reference integration's ``run_training`` supports (equal weighting, PUB with its
-three strategies, MGDA / IMTL-G / Nash-MTL through the ``UpdateBalancing`` callback) train through
-it unchanged. The others train through :func:`train_custom`, which repeats ``run_training``'s
-recipe step for step (same seeding, model construction, loaders, Trainer arguments, early
-stopping, best-epoch restore and test) and adds only what the method needs: the callback with a
-PCGrad / CAGrad strategy, or a module whose training loss is a weighted loss (uncertainty
-weighting, FAMO). ``tests/study`` checks that :func:`train_custom` reproduces ``run_training``
-exactly where both apply, so the two paths cannot drift apart unnoticed.
+Every method trains through the reference integration's ``run_training``, the same recipe for
+all (seeding, model construction, loaders, Trainer arguments, early stopping, best-epoch restore,
+test). Methods it names as balancers (equal weighting, PUB with its three strategies, MGDA /
+IMTL-G / Nash-MTL) go in as ``TrainConfig.balancer``; the others use its two hooks: an extra
+``UpdateBalancing`` callback (PCGrad, CAGrad, per-task state, marginal space, fixed weights) or a
+module factory (uncertainty weighting and FAMO train a weighted loss; scenarios with loss scales
+scale the task losses).
 """
 
 from __future__ import annotations
@@ -18,35 +17,30 @@ import json
 import os
 import platform
 import socket
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, EarlyStopping
+from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from integrations.moe_ranking.data import MultiTaskData, Split, load_data, make_loader
-from integrations.moe_ranking.models import MultiTaskModel, build_model
+from integrations.moe_ranking.data import MultiTaskData, Split, load_data
+from integrations.moe_ranking.models import MultiTaskModel
 from integrations.moe_ranking.training import (
-    MONITOR,
-    BestWeights,
-    History,
     RankingModule,
     TrainConfig,
-    quiet_lightning,
     run_training,
 )
 from pub_optim.lightning import UpdateBalancing
 from pub_optim.loss_weighting import FAMO, UncertaintyWeighting
-from pub_optim.strategies import CAGrad, PCGrad, UpdateBalancer
+from pub_optim.strategies import CAGrad, Fixed, PCGrad, UpdateBalancer
 
-from .methods import Method, get_method
+from .methods import Method, get_method, unavailable
 from .provenance import provenance
+from .scenarios import get_scenario
 
 #: 2: records carry ``provenance`` (commit, dirty flag, code id, versions, CPU model) and the
 #: run's real ``started_utc`` / ``finished_utc``.
@@ -77,6 +71,8 @@ class Settings:
     data_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: Keep the task weights of every N-th step in the cached JSON.
     weights_every: int = 10
+    #: Re-solve the balancing weights every N optimizer steps (callback methods).
+    solve_every: int = 1
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -121,6 +117,7 @@ def _subset(split: Split, n: int | None, seed: int) -> Split:
 
 def get_data(dataset: str, settings: Settings) -> MultiTaskData:
     """Load (once per process) and subsample a dataset as the settings say."""
+    scenario = get_scenario(dataset) if dataset not in settings.data_options else None
     options = dict(settings.data_options.get(dataset, {}))
     key = json.dumps(
         [dataset, options, settings.max_train_rows, settings.max_eval_rows],
@@ -128,8 +125,11 @@ def get_data(dataset: str, settings: Settings) -> MultiTaskData:
         default=str,
     )
     if key not in _DATA_CACHE:
-        loader = str(options.pop("_loader", dataset))
-        data = load_data(loader, **options)
+        if scenario is not None:
+            data = scenario.load()
+        else:
+            loader = str(options.pop("_loader", dataset))
+            data = load_data(loader, **options)
         if settings.max_train_rows is not None or settings.max_eval_rows is not None:
             data = dataclasses.replace(
                 data,
@@ -142,7 +142,33 @@ def get_data(dataset: str, settings: Settings) -> MultiTaskData:
 
 
 # ------------------------------------------------------------------------ loss weighting
-class LossWeightedModule(RankingModule):
+class ScaledLossModule(RankingModule):
+    """The integration's ``RankingModule`` with each task's loss multiplied by a fixed factor
+    (the loss-scale scenarios); validation and test metrics are unchanged."""
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        lr: float,
+        weight_decay: float,
+        loss_scales: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(model, lr=lr, weight_decay=weight_decay)
+        scales = tuple(loss_scales) if loss_scales is not None else (1.0,) * len(self.task_names)
+        if len(scales) != len(self.task_names) or not all(x > 0 for x in scales):
+            raise ValueError(
+                f"need one positive loss scale per task {self.task_names}, got {scales}"
+            )
+        self.loss_scales = dict(zip(self.task_names, scales, strict=True))
+
+    def task_losses(self, batch: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        losses, logits = super().task_losses(batch)
+        if all(x == 1.0 for x in self.loss_scales.values()):
+            return losses, logits
+        return {t: loss * self.loss_scales[t] for t, loss in losses.items()}, logits
+
+
+class LossWeightedModule(ScaledLossModule):
     """The integration's ``RankingModule`` trained on a weighted loss (one backward pass).
 
     ``weighting="uw"``: uncertainty weighting; its log-variances are parameters of this module,
@@ -152,9 +178,14 @@ class LossWeightedModule(RankingModule):
     """
 
     def __init__(
-        self, model: MultiTaskModel, lr: float, weight_decay: float, weighting: str
+        self,
+        model: MultiTaskModel,
+        lr: float,
+        weight_decay: float,
+        weighting: str,
+        loss_scales: Sequence[float] | None = None,
     ) -> None:
-        super().__init__(model, lr=lr, weight_decay=weight_decay)
+        super().__init__(model, lr, weight_decay, loss_scales)
         k = len(self.task_names)
         self.weighting_name = weighting
         self.uw: UncertaintyWeighting | None = None
@@ -193,7 +224,7 @@ class LossWeightedModule(RankingModule):
 # ----------------------------------------------------------------------------- training
 @dataclass
 class Outcome:
-    """What one run produced (either training path)."""
+    """What one run produced."""
 
     task_names: tuple[str, ...]
     test: dict[str, float]
@@ -209,69 +240,6 @@ class Outcome:
 
 def _weights_rows(task_names: Sequence[str], rows: list[dict[str, float]]) -> list[list[float]]:
     return [[row["step"], *(row[t] for t in task_names)] for row in rows]
-
-
-def train_custom(
-    config: TrainConfig,
-    data: MultiTaskData,
-    module_factory: Callable[[MultiTaskModel], RankingModule] | None = None,
-    extra_callbacks: Sequence[Callback] = (),
-) -> Outcome:
-    """``run_training``'s recipe with an optional module factory and extra callbacks.
-
-    Kept step for step identical to ``integrations.moe_ranking.training.run_training`` (the
-    tests compare the two bit for bit on the plain and the callback paths).
-    """
-    config.validate()
-    quiet_lightning()
-    start = time.perf_counter()
-    pl.seed_everything(config.seed, workers=True, verbose=False)
-    model = build_model(
-        config.model, data, esmm=config.esmm, embed_dim=config.embed_dim, **config.model_options
-    )
-    if module_factory is None:
-        module = RankingModule(model, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        module = module_factory(model)
-    best, history = BestWeights(), History(model.task_names)
-    callbacks: list[Callback] = [
-        EarlyStopping(monitor=MONITOR, mode="max", patience=config.patience),
-        best,
-        history,
-        *extra_callbacks,
-    ]
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=config.epochs,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
-    train_loader = make_loader(data.train, config.batch_size, shuffle=True, seed=config.seed)
-    eval_batch = max(config.batch_size, 4096)
-    trainer.fit(module, train_loader, make_loader(data.val, eval_batch, shuffle=False))
-    trainer.test(module, make_loader(data.test, eval_batch, shuffle=False), verbose=False)
-    test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    if isinstance(module, LossWeightedModule):
-        weights = module.weight_log
-    else:
-        weights = _weights_rows(model.task_names, history.weights)
-    return Outcome(
-        task_names=tuple(model.task_names),
-        test=test,
-        best_epoch=best.best_epoch,
-        best_val=best.best_score,
-        epochs_run=trainer.current_epoch,
-        wall_time_s=time.perf_counter() - start,
-        history=history.epochs,
-        weights=weights,
-        path="study.train_custom",
-    )
 
 
 def make_config(key: RunKey, settings: Settings, balancer: str = "equal") -> TrainConfig:
@@ -298,35 +266,74 @@ def strategy_for(method: Method, seed: int, settings: Settings) -> UpdateBalance
     raise ValueError(f"no study-side strategy for {method.name!r}")
 
 
-def train_method(key: RunKey, settings: Settings, data: MultiTaskData) -> Outcome:
-    """Train one run by the path its method needs (see the module docstring)."""
+def balancing_callback(method: Method, seed: int, settings: Settings, k: int) -> Callback:
+    """The ``UpdateBalancing`` callback of a callback method the integration does not name."""
+    strategy: Any
+    if method.strategy in ("pcgrad", "cagrad"):
+        strategy = strategy_for(method, seed, settings)
+    elif method.fixed_ones:
+        strategy = Fixed([1.0] * k, normalization="none")
+    else:
+        strategy = method.strategy
+    return UpdateBalancing(  # type: ignore[no-any-return]
+        strategy=strategy,
+        space=method.space,  # type: ignore[arg-type]
+        solve_every=settings.solve_every,
+        **method.callback_options(),
+    )
+
+
+def train_method(
+    key: RunKey, settings: Settings, data: MultiTaskData, loss_scales: Sequence[float] | None = None
+) -> Outcome:
+    """Train one run through ``run_training`` (see the module docstring)."""
     method = get_method(key.method)
-    if method.balancer is not None:
-        config = make_config(key, settings, balancer=method.balancer)
-        result = run_training(config, data)
-        return Outcome(
-            task_names=tuple(result.task_names),
-            test=dict(result.test),
-            best_epoch=result.best_epoch,
-            best_val=result.best_val,
-            epochs_run=result.epochs_run,
-            wall_time_s=result.wall_time_s,
-            history=list(result.history),
-            weights=_weights_rows(result.task_names, result.weights),
-            path="integration.run_training",
-        )
-    config = make_config(key, settings)
-    if method.kind == "loss-weighting":
+    reason = unavailable(method)
+    if reason is not None:
+        raise ValueError(reason)
+    k = len(data.task_names)
+    scales = tuple(float(x) for x in loss_scales) if loss_scales is not None else None
+    if scales is not None and len(scales) != k:
+        raise ValueError(f"{len(scales)} loss scales for {k} tasks of {key.dataset!r}")
+    named = method.balancer is not None and (
+        method.balancer == "equal" or settings.solve_every == 1
+    )
+    config = make_config(key, settings, balancer=method.balancer if named else "equal")
+    built: list[RankingModule] = []
+    factory: Callable[[MultiTaskModel], RankingModule] | None = None
+    if method.kind == "loss-weighting" or scales is not None:
 
         def factory(model: MultiTaskModel) -> RankingModule:
-            return LossWeightedModule(model, settings.lr, settings.weight_decay, method.name)
+            module: RankingModule
+            if method.kind == "loss-weighting":
+                module = LossWeightedModule(
+                    model, settings.lr, settings.weight_decay, method.name, scales
+                )
+            else:
+                module = ScaledLossModule(model, settings.lr, settings.weight_decay, scales)
+            built.append(module)
+            return module
 
-        return train_custom(config, data, module_factory=factory)
-    callback = UpdateBalancing(
-        strategy=strategy_for(method, key.seed, settings),
-        space=method.space,  # type: ignore[arg-type]
+    extra: list[Callback] = []
+    if method.kind == "callback" and not named:
+        extra.append(balancing_callback(method, key.seed, settings, k))
+    result = run_training(config, data, module_factory=factory, extra_callbacks=extra)
+    module_log = built[0].weight_log if built and isinstance(built[0], LossWeightedModule) else None
+    return Outcome(
+        task_names=tuple(result.task_names),
+        test=dict(result.test),
+        best_epoch=result.best_epoch,
+        best_val=result.best_val,
+        epochs_run=result.epochs_run,
+        wall_time_s=result.wall_time_s,
+        history=list(result.history),
+        weights=module_log
+        if module_log is not None
+        else _weights_rows(result.task_names, result.weights),
+        path="integration.run_training"
+        if factory is None and not extra
+        else "integration.run_training+hooks",
     )
-    return train_custom(config, data, extra_callbacks=[callback])
 
 
 # -------------------------------------------------------------------------------- caching
@@ -435,6 +442,7 @@ def run_one(
     started = utc_now()
     origin = provenance()
     data = get_data(key.dataset, settings)
-    outcome = train_method(key, settings, data)
+    scenario = get_scenario(key.dataset) if key.dataset not in settings.data_options else None
+    outcome = train_method(key, settings, data, scenario.loss_scales if scenario else None)
     write_json_atomic(path, result_json(key, settings, outcome, started, origin))
     return key, "done", outcome.wall_time_s

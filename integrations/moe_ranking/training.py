@@ -12,7 +12,7 @@ import copy
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,8 +333,15 @@ def run_training(
     data: MultiTaskData,
     progress: bool = False,
     root_dir: str | Path | None = None,
+    module_factory: Callable[[MultiTaskModel], RankingModule] | None = None,
+    extra_callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     """Train ``config.model`` on ``data`` with early stopping, restore the best epoch, test.
+
+    ``module_factory`` builds the LightningModule around the (seeded) model instead of
+    :class:`RankingModule` (e.g. a module trained on a weighted loss); ``extra_callbacks`` join
+    the Trainer's callbacks after the balancing callback (e.g. ``UpdateBalancing`` with a strategy
+    instance). Neither changes anything else of the recipe.
 
     Deterministic on CPU for a given seed on one machine: the model is built after seeding,
     batches are shuffled by a generator seeded from ``config.seed`` and Lightning runs with
@@ -350,7 +357,10 @@ def run_training(
     model = build_model(
         config.model, data, esmm=config.esmm, embed_dim=config.embed_dim, **config.model_options
     )
-    module = RankingModule(model, lr=config.lr, weight_decay=config.weight_decay)
+    if module_factory is None:
+        module = RankingModule(model, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        module = module_factory(model)
     best, history = BestWeights(), History(model.task_names)
     callbacks: list[Callback] = [
         EarlyStopping(monitor=MONITOR, mode="max", patience=config.patience),
@@ -359,6 +369,7 @@ def run_training(
     ]
     if balancer_cb is not None:
         callbacks.append(balancer_cb)
+    callbacks.extend(extra_callbacks)
     try:
         trainer = make_trainer(config, callbacks, progress, root_dir)
     except MisconfigurationException as exc:
