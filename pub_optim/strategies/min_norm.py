@@ -13,6 +13,11 @@ from .base import UpdateBalancer
 #: Ridge on the (mean-diagonal-one) Gram matrix: makes the minimiser unique when updates are
 #: colinear, so that equal tasks get equal weights; moves the objective by at most 1e-10.
 MIN_NORM_RIDGE = 1e-10
+#: Two tasks whose rows of the (mean-diagonal-one) Gram matrix agree to this absolute tolerance
+#: have the same update as far as the matrix can tell: a Gram matrix of float32 updates carries
+#: rounding of about 1e-8 relative (measured: one row of ``torch.mm`` off by 6.8e-9 for three
+#: bit-identical updates), 100 times the ridge, so the ridge alone cannot break their tie.
+DUPLICATE_ATOL = 1e-6
 
 
 def min_norm_simplex(gram: np.ndarray, max_iter: int = 500) -> np.ndarray:
@@ -67,20 +72,54 @@ def min_norm_simplex(gram: np.ndarray, max_iter: int = 500) -> np.ndarray:
     return alpha  # pragma: no cover - the active-set method terminates long before
 
 
+def duplicate_groups(gram: np.ndarray, atol: float) -> list[list[int]]:
+    """Tasks grouped by equal rows of ``gram`` (to ``atol``), in order of first appearance.
+
+    Rows ``i`` and ``j`` are equal when ``|G_il - G_jl| <= atol`` and ``|G_li - G_lj| <= atol``
+    for every ``l``: then ``||d_i - d_j||^2 = G_ii - G_ij - G_ji + G_jj <= 2 atol`` and no
+    weighting can tell the two updates apart by more than the matrix's own rounding.
+    """
+    k = gram.shape[0]
+    groups: list[list[int]] = []
+    for i in range(k):
+        for group in groups:
+            j = group[0]
+            if (
+                np.max(np.abs(gram[i] - gram[j])) <= atol
+                and np.max(np.abs(gram[:, i] - gram[:, j])) <= atol
+            ):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
 class MinNorm(UpdateBalancer):
     """MGDA on the Gram matrix: the convex combination of task updates with the smallest norm.
 
     ``alpha = argmin_{alpha >= 0, sum alpha = 1} alpha^T G alpha``. The joint step has a
     non-negative inner product with every task's update (no task is pushed backwards). When the
     minimiser is not unique (colinear updates) a ridge of 1e-10 times the mean diagonal selects
-    the one of smallest Euclidean norm in ``alpha``.
+    the one of smallest Euclidean norm in ``alpha``. Tasks whose rows of ``G`` agree to 1e-6 of
+    the mean diagonal (updates equal up to float32 rounding) count as one task and share its
+    weight equally, on every machine, whatever rounding its matrix product has.
     """
 
     name = "min-norm"
 
     def raw_weights(self, gram: Tensor) -> Tensor:
-        matrix = gram.cpu().numpy() + MIN_NORM_RIDGE * np.eye(gram.shape[0])
-        return torch.from_numpy(min_norm_simplex(matrix)).to(gram.device)
+        matrix = gram.cpu().numpy()
+        groups = duplicate_groups(matrix, DUPLICATE_ATOL)
+        # One task per group of duplicates (the group's mean row and column), then its weight
+        # split equally among the members: what the ridge selects for exactly equal updates.
+        member = np.zeros((len(groups), matrix.shape[0]))
+        for g, group in enumerate(groups):
+            member[g, group] = 1.0 / len(group)
+        reduced = member @ matrix @ member.T
+        reduced = 0.5 * (reduced + reduced.T) + MIN_NORM_RIDGE * np.eye(len(groups))
+        weights = min_norm_simplex(reduced) @ member
+        return torch.from_numpy(weights).to(gram.device)
 
     def device_raw_weights(self, gram: Tensor, active: Tensor) -> Tensor:
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)

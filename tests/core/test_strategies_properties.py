@@ -482,3 +482,23 @@ def test_weights_stay_on_the_input_device_and_do_not_track_gradients(name: str):
     out = ALL_STRATEGIES[name]()(gram)
     assert out.device == gram.device
     assert not out.requires_grad
+
+
+@pytest.mark.parametrize("noisy_row", [0, 1, 2])
+@pytest.mark.parametrize("scale", [1e-12, 1.0, 3e12])
+def test_min_norm_equal_updates_with_rounded_gram(noisy_row: int, scale: float):
+    # Three bit-identical float32 updates whose Gram matrix came out of torch.mm with one row
+    # rounded differently (seen on one CPU: row 1 larger by 6.8e-9, G not even symmetric). The
+    # updates are equal, so the tie-break must give them equal weights there too.
+    gram = np.full((3, 3), 1.0)
+    gram[noisy_row] *= 1.0 + 6.8e-9
+    weights = weights_of(MinNorm(), scale * gram)
+    np.testing.assert_allclose(weights, np.full(3, 1.0 / 3), rtol=1e-9, atol=0.0)
+
+
+def test_min_norm_keeps_distinct_updates_apart():
+    # Updates that differ by more than the Gram matrix's rounding are not merged: d_1 = 1.001 d
+    # is longer than d_0 = d_2 = d, so min-norm puts all the weight on the two short ones.
+    c = np.array([1.0, 1.001, 1.0])
+    weights = weights_of(MinNorm(), np.outer(c, c))
+    np.testing.assert_allclose(weights, [0.5, 0.0, 0.5], atol=1e-6)
