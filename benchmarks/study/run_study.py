@@ -239,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--report", type=Path, default=None,
         help="markdown report to write (default docs/results/study.md, quick: study_quick.md)",
     )  # fmt: skip
+    p.add_argument(
+        "--plan", type=Path, default=None,
+        help="a plan written by python -m benchmarks.study.plan (with --tranche)",
+    )  # fmt: skip
+    p.add_argument("--tranche", type=int, default=None, help="the plan's tranche to run (1-based)")
     p.add_argument("--no-report", action="store_true", help="train only")
     p.add_argument(
         "--allow-dirty", action="store_true",
@@ -262,12 +267,28 @@ def main(argv: list[str] | None = None) -> int:
         args.methods = ["equal", *args.methods]  # the baseline of every comparison
     cache = args.cache if args.cache is not None else DEFAULT_CACHE[profile]
     folder = run_dir(cache, profile, settings)
+    if (args.plan is None) != (args.tranche is None):
+        print("error: --plan and --tranche go together", file=sys.stderr)
+        return 2
+    if args.plan is not None:
+        from benchmarks.study.plan import tranche_keys
+
+        try:
+            keys = tranche_keys(json.loads(args.plan.read_text()), args.tranche)
+        except (OSError, ValueError, KeyError) as exc:
+            print(
+                f"error: cannot use tranche {args.tranche} of {args.plan}: {exc}", file=sys.stderr
+            )
+            return 2
+        args.datasets = sorted({k.dataset for k in keys})
+        args.methods = sorted({k.method for k in keys})
+    else:
+        keys = plan(args.datasets, args.models, args.methods, seeds)
     problems = refusals(args.datasets, args.methods)
     if problems and not args.report_only:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
-    keys = plan(args.datasets, args.models, args.methods, seeds)
     command = "python -m benchmarks.study.run_study " + shlex.join(argv or sys.argv[1:])
     started = time.perf_counter()
     failures: list[tuple[RunKey, str]] = []
@@ -312,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = "" if args.report_only else command
         try:
             write_report(
-                folder, out, keys=keys, profile=profile, command=shown,
+                folder, out, keys=None if args.plan is not None else keys,
+                profile=profile, command=shown,
                 allow_dirty=args.allow_dirty,
             )  # fmt: skip
         except ProvenanceError as exc:
