@@ -1,5 +1,10 @@
 """Aggregate the study's cached runs into a markdown report and PNG plots.
 
+Layout: the verdict first (:mod:`benchmarks.study.verdict`: per setting, which PUB variants beat
+equal weighting, by how much, with a 95% confidence interval, the Holm-adjusted p within the
+primary family and the smallest detectable effect; then the baselines as the secondary family),
+the figure of the paired differences, then how it was run and the details per dataset.
+
 Per (dataset, model, method), over seeds: per-task test AUC mean and standard deviation (ddof 1),
 the mean over tasks, Delta-m against equal weighting and a paired test against it.
 
@@ -8,8 +13,9 @@ the mean over tasks, Delta-m against equal weighting and a paired test against i
   (higher AUC is better), in percent.
 * Paired test: two-sided paired t-test (``scipy.stats.ttest_rel``) of the per-seed mean-over-tasks
   test AUC of the method against equal weighting on the same seeds (same seed = same initial
-  weights and batch order). Not corrected for multiple comparisons; the Holm-Bonferroni
-  correction over every comparison in the report is given next to it.
+  weights and batch order), Holm-Bonferroni within its family (primary / secondary).
+* One report covers the runs of one code state on one CPU model (``provenance``); two-task cells
+  of a method that duplicates another (``protocol.K2_DUPLICATES``) are reported once.
 
     .venv/bin/python -m benchmarks.study.report --run-dir benchmarks/study/records/full-<id> \
         --out docs/results/study.md
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import BASELINE, METHODS
+from .protocol import K2_DUPLICATES, Paired, is_primary
 from .provenance import ProvenanceError, check_one_code_state
 from .train import RunKey
 
@@ -69,6 +76,8 @@ class Comparison:
     p: float
     n: int
     p_holm: float = math.nan
+    ci_low: float = math.nan
+    ci_high: float = math.nan
 
 
 def load_runs(folder: Path, keys: Iterable[RunKey] | None = None) -> list[dict[str, Any]]:
@@ -128,7 +137,31 @@ def compare(cell: Cell, base: Cell) -> Comparison:
 
             res = stats.ttest_rel([mine[s] for s in common], [theirs[s] for s in common])
             t_stat, p_value = float(res.statistic), float(res.pvalue)
-    return Comparison(delta, _mean(diffs), _sd(diffs), t_stat, p_value, len(diffs))
+    paired = Paired.of(diffs)
+    return Comparison(
+        delta, _mean(diffs), _sd(diffs), t_stat, p_value, len(diffs),
+        ci_low=paired.ci_low, ci_high=paired.ci_high,
+    )  # fmt: skip
+
+
+def drop_k2_duplicates(cells: dict[tuple[str, str, str], Cell]) -> list[str]:
+    """Remove (in place) two-task cells of a method that duplicates another present in the same
+    setting (``protocol.K2_DUPLICATES``); returns what was folded, for the report."""
+    folded = []
+    for d, m, n in list(cells):
+        twin = K2_DUPLICATES.get(n)
+        if twin is None or len(cells[(d, m, n)].task_names) != 2 or (d, m, twin) not in cells:
+            continue
+        mine, theirs = cells[(d, m, n)].aucs, cells[(d, m, twin)].aucs
+        same = all(
+            abs(x - y) < 1e-6
+            for s in set(mine) & set(theirs)
+            for x, y in zip(mine[s], theirs[s], strict=True)
+        )
+        if same:  # as the protocol says; otherwise both stay and the report shows them
+            del cells[(d, m, n)]
+            folded.append(f"{d}/{m}: {METHODS[n].label} = {METHODS[twin].label}")
+    return folded
 
 
 def holm(comparisons: list[Comparison]) -> None:
@@ -285,12 +318,15 @@ def write_report(
         raise ProvenanceError(f"no cached runs under {folder}")
     origin = check_one_code_state(runs, allow_dirty=allow_dirty)
     cells = build_cells(runs)
+    duplicates = drop_k2_duplicates(cells)
     comparisons: dict[tuple[str, str, str], Comparison] = {}
     for (d, m, n), cell in cells.items():
         base = cells.get((d, m, BASELINE))
         if n != BASELINE and base is not None:
             comparisons[(d, m, n)] = compare(cell, base)
-    holm(list(comparisons.values()))
+    primary = [c for k, c in comparisons.items() if is_primary(k[2])]
+    holm(primary)
+    holm([c for k, c in comparisons.items() if not is_primary(k[2])])
     datasets = sorted({d for d, _, _ in cells})
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.stem
@@ -300,6 +336,12 @@ def write_report(
     if quick:
         title = "Quick smoke run of the quality study (NOT the study)"
     lines += [f"# {title}", ""]
+    from .verdict import plot_differences, verdict_section
+
+    lines += verdict_section(cells, comparisons, len(primary), duplicates)
+    png = out.with_name(f"{stem}_differences.png")
+    if plot_differences(cells, comparisons, len(primary), png):
+        lines += [f"![paired differences against equal weighting]({png.name})", ""]
     if origin["dirty"]:
         lines += [
             "> **Not evidence: trained on a checkout with uncommitted code changes**, so no commit",
@@ -365,7 +407,9 @@ def write_report(
         "seed means (AUC: higher is better). *p*: two-sided paired t-test (`scipy.stats."
         "ttest_rel`) of the per-seed mean-over-tasks AUC against equal weighting on the same "
         f"seeds; `*` marks p < {ALPHA} (uncorrected), `(worse)` a significant loss; *p Holm*: "
-        f"Holm-Bonferroni over all {len(comparisons)} comparisons of this report.",
+        f"Holm-Bonferroni within the comparison's family (primary: the {len(primary)} PUB "
+        f"variants against equal weighting; secondary: the other "
+        f"{len(comparisons) - len(primary)}).",
         "",
     ]
     for dataset in datasets:

@@ -162,3 +162,26 @@ def test_report_refuses_a_hand_edited_manifest(folder: Path, tmp_path: Path) -> 
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ProvenanceError, match="not written by the runner"):
         write_report(folder, tmp_path / "edited.md")
+
+
+def test_verdict_first_with_ci_and_detectable_effect(folder: Path, tmp_path: Path) -> None:
+    # PUB equal-magnitude identical to PUB pareto on every seed (K = 2): reported once.
+    for seed, aucs in AUCS["pub-pareto"].items():
+        key = RunKey("toy", "mmoe", "pub-equal-magnitude", seed)
+        write_json_atomic(key.path(folder), fake_run(key, aucs))
+    out = tmp_path / "study.md"
+    text = write_report(folder, out)
+    assert text.index("## Verdict") < text.index("## How it was run") < text.index("## toy")
+    assert "PUB equal-mag." not in text.split("## How it was run")[0].split("Reported once")[0]
+    assert "PUB equal-mag. = PUB pareto in every setting" in text
+    # one primary comparison (PUB pareto): diffs 0.01, 0.01, 0.015
+    diffs = [0.01, 0.01, 0.015]
+    mean = sum(diffs) / 3
+    half = stats.t.ppf(0.975, 2) * stats.tstd(diffs) / math.sqrt(3)
+    row = next(r for r in text.splitlines() if r.startswith("| toy / mmoe | PUB pareto |"))
+    assert f"| {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" in row
+    assert "**better**" in row and row.rstrip().endswith(" |") and "±" in row
+    assert "Primary comparisons: 1 " in text
+    mgda = next(r for r in text.splitlines() if r.startswith("| toy / mmoe | MGDA |"))
+    assert "no difference detected" in mgda or "**worse**" in mgda
+    assert out.with_name("study_differences.png").stat().st_size > 0
