@@ -11,9 +11,33 @@ MTReclib; here the integration's PLE uses the same expert width (256,) on both l
 early-stops on the *test* AUC, we early-stop on a validation split carved from the training file
 (10% of the ``search_id`` groups; the integration's loader) and test once at the best epoch.
 
+Switches for the differences from the paper's released code (default: the integration's choice;
+``--released`` turns on all of them):
+
+* ``--batchnorm``: BatchNorm1d after every Linear of the expert and tower MLPs, as released.
+* ``--numeric-projection linear-128``: the numeric features through Linear(63 -> 128), as
+  released (default ``standardised-256``: Linear(63 -> 2 x embed dim = 256)).
+* ``--embedding-init xavier``: Xavier-uniform embeddings, as released (default ``normal``:
+  normal(0, 0.05)).
+* ``--solve-every 10``: re-solve PUB's weights every 10 steps, as released (default 1).
+* ``--as-released``: adds the arm the released code effectively ran: update space, weights fixed
+  at 1 on every task, not normalised (method ``as-released``).
+* ``--accelerator gpu --devices N``: train on GPUs (default CPU, one device; more than one
+  device trains with DDP). GPU runs are not bit-reproducible (``deterministic="warn"``).
+
+What still differs from the released code with every switch on: the numeric features are
+standardised on the training split (released: raw values; a linear projection of standardised
+features spans the same functions, but Adam's steps differ); early stopping on a validation split
+instead of the test set (so our test AUC is not optimistically selected); PLE's experts are one
+layer of width 256 on both levels (MTReclib: 512 then 256); the loaders' vocabularies (values seen
+fewer than ``min_count`` times map to an out-of-vocabulary id); and Lightning's training loop
+(same optimizer and batches, but not the released script's code).
+
     # after downloading the CSVs into data/AliExpress_<country>/{train,test}.csv
     .venv/bin/python -m benchmarks.study.paper_protocol --data-dir data --jobs 2
     .venv/bin/python -m benchmarks.study.paper_protocol --countries NL --methods equal pub-pareto
+    # everything as released, on one GPU
+    .venv/bin/python -m benchmarks.study.paper_protocol --released --accelerator gpu --devices 1
 
 Results are cached one JSON per run under ``runs/paper_protocol/`` (resumable, like the study);
 the table with the paper's published numbers next to ours is printed and written to ``--out``.
@@ -40,6 +64,7 @@ from benchmarks.study.run_study import execute, plan, update_manifest  # noqa: E
 from benchmarks.study.train import RunKey, Settings, utc_now  # noqa: E402
 
 COUNTRIES = ("NL", "ES", "FR", "US")
+PROJECTIONS = ("standardised-256", "linear-128")
 MODELS = ("mmoe", "ple")
 #: The paper's published test AUC, average of CTR and CTCVR, mean of 5 seeds (pub-method.md).
 PAPER: dict[tuple[str, str], dict[str, float]] = {
@@ -72,15 +97,37 @@ def protocol_settings(
     epochs: int = 50,
     patience: int = 2,
     max_rows: int | None = None,
+    batchnorm: bool = False,
+    numeric_projection: str = "standardised-256",
+    embedding_init: str = "normal",
+    solve_every: int = 1,
+    accelerator: str = "cpu",
+    devices: int = 1,
 ) -> Settings:
+    """The protocol's settings; the switches as in the module docstring."""
+    if numeric_projection not in PROJECTIONS:
+        raise ValueError(f"numeric_projection must be one of {PROJECTIONS}")
+    if embedding_init not in ("normal", "xavier"):
+        raise ValueError("embedding_init must be 'normal' or 'xavier'")
+    options = {m: dict(o) for m, o in MODEL_OPTIONS.items()}
+    if numeric_projection == "linear-128":
+        for o in options.values():
+            o["numeric_dim"] = 128
+    transforms = (("batchnorm",) if batchnorm else ()) + (
+        ("xavier-embedding",) if embedding_init == "xavier" else ()
+    )
     return Settings(
+        solve_every=solve_every,
+        model_transforms=transforms,
+        accelerator=accelerator,
+        devices=devices,
         epochs=epochs,
         batch_size=2048,
         lr=1e-3,
         weight_decay=1e-6,
         patience=patience,
         embed_dim=128,
-        model_options=MODEL_OPTIONS,
+        model_options=options,
         data_options={
             f"aliexpress-{c}": {
                 "_loader": "aliexpress",
@@ -165,6 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-dirty", action="store_true",
         help="train on a checkout with uncommitted code changes (records marked dirty)",
     )  # fmt: skip
+    p.add_argument("--batchnorm", action="store_true", help="BatchNorm after expert/tower layers")
+    p.add_argument("--numeric-projection", choices=PROJECTIONS, default="standardised-256")
+    p.add_argument("--embedding-init", choices=("normal", "xavier"), default="normal")
+    p.add_argument(
+        "--solve-every", type=int, default=1, help="re-solve PUB's weights every N steps"
+    )
+    p.add_argument(
+        "--as-released", action="store_true",
+        help="add the arm with weights fixed at 1, unnormalised (what the released code ran)",
+    )  # fmt: skip
+    p.add_argument(
+        "--released", action="store_true",
+        help="every switch as in the released code: --batchnorm --numeric-projection linear-128 "
+        "--embedding-init xavier --solve-every 10 --as-released",
+    )  # fmt: skip
+    p.add_argument("--accelerator", choices=("cpu", "gpu", "auto"), default="cpu")
+    p.add_argument("--devices", type=int, default=1)
     p.add_argument(
         "--rerun-stale", action="store_true",
         help="retrain cached records that ran at other code instead of refusing them",
@@ -174,10 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    methods = list(dict.fromkeys(["equal", *args.methods]))
+    if args.released:
+        args.batchnorm, args.as_released = True, True
+        args.numeric_projection, args.embedding_init = "linear-128", "xavier"
+        if args.solve_every == 1:
+            args.solve_every = 10
+    if args.solve_every < 1 or args.devices < 1:
+        print("error: --solve-every and --devices must be >= 1", file=sys.stderr)
+        return 2
+    if args.accelerator == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --accelerator gpu needs a CUDA device, and torch sees none; use "
+                  "--accelerator cpu", file=sys.stderr)  # fmt: skip
+            return 2
+    methods = list(dict.fromkeys(["equal", *args.methods, *(["as-released"] * args.as_released)]))
     settings = protocol_settings(
-        args.data_dir.resolve(), args.countries, args.epochs, args.patience, args.max_rows
-    )
+        args.data_dir.resolve(), args.countries, args.epochs, args.patience, args.max_rows,
+        batchnorm=args.batchnorm, numeric_projection=args.numeric_projection,
+        embedding_init=args.embedding_init, solve_every=args.solve_every,
+        accelerator=args.accelerator, devices=args.devices,
+    )  # fmt: skip
     # Fail early with the loader's download instructions if a country's files are missing.
     from integrations.moe_ranking.data.aliexpress import aliexpress_files
     from integrations.moe_ranking.errors import UserError
@@ -224,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         "`benchmarks/study/paper_protocol.py` for what the paper leaves open). Paper: the "
         "published average of CTR and CTCVR test AUC (mean of 5 seeds); *p*: paired t-test of "
         "our per-seed averages against equal weighting.",
+        "",
+        f"Switches: BatchNorm {'on' if args.batchnorm else 'off'}, numeric projection "
+        f"{args.numeric_projection}, embedding init {args.embedding_init}, solve every "
+        f"{args.solve_every}, as-released arm {'on' if args.as_released else 'off'}, "
+        f"accelerator {args.accelerator} x {args.devices} (see the module docstring for what "
+        "still differs from the released code).",
         "",
     ]
     if args.max_rows is not None:

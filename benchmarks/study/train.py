@@ -39,6 +39,7 @@ from pub_optim.loss_weighting import FAMO, UncertaintyWeighting
 from pub_optim.strategies import CAGrad, Fixed, PCGrad, UpdateBalancer
 
 from .methods import Method, get_method, unavailable
+from .model_transforms import apply_transforms
 from .provenance import provenance
 from .scenarios import get_scenario
 
@@ -73,10 +74,17 @@ class Settings:
     weights_every: int = 10
     #: Re-solve the balancing weights every N optimizer steps (callback methods).
     solve_every: int = 1
+    #: Changes to the built model (``model_transforms.TRANSFORMS``: "batchnorm",
+    #: "xavier-embedding").
+    model_transforms: tuple[str, ...] = ()
+    #: Lightning accelerator ("cpu", "gpu", "auto") and number of devices.
+    accelerator: str = "cpu"
+    devices: int = 1
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["model_options"] = {k: dict(v) for k, v in self.model_options.items()}
+        out["model_transforms"] = list(self.model_transforms)
         out["data_options"] = {
             k: {n: str(x) if isinstance(x, Path) else x for n, x in v.items()}
             for k, v in self.data_options.items()
@@ -255,6 +263,8 @@ def make_config(key: RunKey, settings: Settings, balancer: str = "equal") -> Tra
         patience=settings.patience,
         embed_dim=settings.embed_dim,
         model_options=dict(settings.model_options.get(key.model, {})),
+        accelerator=settings.accelerator,
+        devices=settings.devices,
     )
 
 
@@ -301,16 +311,19 @@ def train_method(
     config = make_config(key, settings, balancer=method.balancer if named else "equal")
     built: list[RankingModule] = []
     factory: Callable[[MultiTaskModel], RankingModule] | None = None
-    if method.kind == "loss-weighting" or scales is not None:
+    if method.kind == "loss-weighting" or scales is not None or settings.model_transforms:
 
         def factory(model: MultiTaskModel) -> RankingModule:
+            apply_transforms(model, settings.model_transforms)
             module: RankingModule
             if method.kind == "loss-weighting":
                 module = LossWeightedModule(
                     model, settings.lr, settings.weight_decay, method.name, scales
                 )
-            else:
+            elif scales is not None:
                 module = ScaledLossModule(model, settings.lr, settings.weight_decay, scales)
+            else:
+                module = RankingModule(model, lr=settings.lr, weight_decay=settings.weight_decay)
             built.append(module)
             return module
 

@@ -54,6 +54,8 @@ class TrainConfig:
     #: Lightning accelerator: "cpu" (default; deterministic), "gpu" or "auto". On CUDA the sparse
     #: model's gating runs the fused Triton kernel when triton is installed.
     accelerator: str = "cpu"
+    #: Lightning devices (more than one trains with DDP).
+    devices: int = 1
     model_options: dict[str, Any] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)
 
@@ -69,6 +71,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.patience < 1:
             raise ConfigError(f"patience must be >= 1, got {self.patience}")
+        if self.devices < 1:
+            raise ConfigError(f"devices must be >= 1, got {self.devices}")
         if self.accelerator not in ("cpu", "gpu", "auto"):
             raise ConfigError(f"accelerator must be cpu, gpu or auto, got {self.accelerator!r}")
         if self.accelerator == "gpu" and not torch.cuda.is_available():
@@ -312,7 +316,7 @@ def make_trainer(
     """The Trainer of :func:`run_training`: no logger or checkpoint files, no sanity check."""
     return pl.Trainer(
         accelerator=config.accelerator,
-        devices=1,
+        devices=config.devices,
         max_epochs=config.epochs,
         # Bit-for-bit reproducible on one CPU machine (same CPU model and versions; across CPU
         # models float reductions differ and results move by ~1e-3 AUC); on GPU some scatter

@@ -68,3 +68,75 @@ def test_missing_data_says_how_to_get_it(
     assert paper_protocol.main(["--data-dir", str(tmp_path), "--countries", "ES"]) == 2
     err = capsys.readouterr().err
     assert "AliExpress data not found" in err and "tianchi" in err
+
+
+def test_released_switches_reach_the_runs(tmp_path: Path) -> None:
+    import json
+
+    write_aliexpress(tmp_path / "data", "NL")
+    out = tmp_path / "paper_protocol.md"
+    argv = ["--data-dir", str(tmp_path / "data"), "--countries", "NL", "--models", "mmoe",
+            "--seeds", "0", "--epochs", "1", "--cache", str(tmp_path / "cache"), "--out", str(out),
+            "--allow-dirty", "--released"]  # fmt: skip
+    assert paper_protocol.main(argv) == 0
+    runs = sorted((tmp_path / "cache").glob("paper-*/aliexpress-NL/mmoe/*/seed0.json"))
+    assert {p.parent.name for p in runs} == {"equal", "pub-pareto", "as-released"}
+    settings = json.loads(runs[0].read_text())["settings"]
+    assert settings["model_transforms"] == ["batchnorm", "xavier-embedding"]
+    assert settings["model_options"]["mmoe"]["numeric_dim"] == 128
+    assert settings["solve_every"] == 10 and settings["accelerator"] == "cpu"
+    text = out.read_text()
+    assert "BatchNorm on, numeric projection linear-128, embedding init xavier" in text
+    assert "As released (weights 1)" in text
+
+
+def test_gpu_without_cuda_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    write_aliexpress(tmp_path / "data", "NL")
+    argv = ["--data-dir", str(tmp_path / "data"), "--countries", "NL", "--accelerator", "gpu",
+            "--cache", str(tmp_path / "cache")]  # fmt: skip
+    assert paper_protocol.main(argv) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert paper_protocol.main([*argv[:-4], "--devices", "0"]) == 2
+
+
+def test_model_transforms() -> None:
+    import math
+
+    import torch
+    from torch import nn
+
+    from benchmarks.study.model_transforms import apply_transforms
+    from integrations.moe_ranking.data import make_synthetic
+    from integrations.moe_ranking.models import build_model
+
+    data = make_synthetic(n_train=64, n_val=16, n_test=16, seed=1)
+    torch.manual_seed(0)
+    model = build_model("mmoe", data, embed_dim=8, numeric_dim=5)
+    assert model.inputs.numeric.out_features == 5  # type: ignore[union-attr]
+    linears = sum(
+        isinstance(m, nn.Linear)
+        for s in model.modules() if isinstance(s, nn.Sequential) for m in s
+    )  # fmt: skip
+    shared_before = sum(p.numel() for p in model.shared_parameters())
+    apply_transforms(model, ["batchnorm", "xavier-embedding"])
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(bns) == linears
+    for seq in (m for m in model.modules() if isinstance(m, nn.Sequential)):
+        layers = list(seq)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Linear):
+                assert isinstance(layers[i + 1], nn.BatchNorm1d)
+    assert sum(p.numel() for p in model.shared_parameters()) > shared_before  # experts' BNs
+    weight = model.inputs.embedding.weight  # type: ignore[union-attr]
+    bound = math.sqrt(6.0 / (weight.shape[0] + weight.shape[1]))
+    assert float(weight.abs().max()) <= bound and float(weight.std()) > 0.5 * bound / math.sqrt(3)
+    from integrations.moe_ranking.data import make_loader
+
+    out = model(next(iter(make_loader(data.train, 32, shuffle=False))))
+    assert set(out) == set(data.task_names)
+    with pytest.raises(ValueError, match="unknown model transform"):
+        apply_transforms(model, ["dropout"])

@@ -51,6 +51,7 @@ def build_model(
     data: MultiTaskData,
     esmm: bool = False,
     embed_dim: int = 8,
+    numeric_dim: int | None = None,
     **options: Any,
 ) -> MultiTaskModel:
     """Build model ``name`` for ``data``'s schema and tasks.
@@ -62,12 +63,16 @@ def build_model(
             the first funnel task and a CVR head, the model outputs the first task and
             CTCVR = CTR x CVR for the second.
         embed_dim: embedding width per categorical field.
+        numeric_dim: output width of the numeric features' linear projection (default
+            ``2 * embed_dim``; the PUB paper's released code uses 128 with embed_dim 128).
         **options: model-specific keyword arguments (``num_experts``, ``top_k``, ``num_levels``...);
             ``None`` values are dropped.
     """
     cls = _model_class(name)
     options = {k: v for k, v in options.items() if v is not None}
-    inputs = InputLayer(data.cat_cardinalities, len(data.num_names), embed_dim=embed_dim)
+    inputs = InputLayer(
+        data.cat_cardinalities, len(data.num_names), embed_dim=embed_dim, numeric_dim=numeric_dim
+    )
     if not esmm:
         try:
             return cls(inputs, data.task_names, **options)  # type: ignore[call-arg]
