@@ -237,12 +237,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records", type=Path, default=DEFAULT_RECORDS)
     p.add_argument("--out", type=Path, default=DEFAULT_PLAN)
     p.add_argument("--budget", type=float, default=BUDGET_S, help="worker seconds per tranche")
+    p.add_argument(
+        "--methods", nargs="+", choices=STUDY_METHODS, default=list(STUDY_METHODS),
+        help="methods of the plan (default: all; the runner refuses those the installed "
+        "pub_optim lacks)",
+    )  # fmt: skip
+    p.add_argument(
+        "--available-only", action="store_true",
+        help="leave out the methods the installed pub_optim lacks",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.budget <= 0:
         print("error: --budget must be > 0 seconds", file=sys.stderr)
         return 2
+    methods = list(args.methods)
+    if args.available_only:
+        from benchmarks.study.methods import get_method, unavailable
+
+        methods = [n for n in methods if unavailable(get_method(n)) is None]
     records = load_records(args.records)
-    plans, m, alpha = make_plan(records)
+    plans, m, alpha = make_plan(records, methods=methods)
     payload = plan_json(plans, m, alpha, args.budget)
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
     total = sum(p.compute_s for p in plans)

@@ -100,3 +100,12 @@ def test_cli_writes_the_plan(tmp_path: Path) -> None:
     payload = json.loads(out.read_text())
     assert payload["tranches"] and payload["primary_comparisons"] > 0
     assert plan.main(["--records", str(tmp_path), "--out", str(out), "--budget", "0"]) == 2
+
+
+def test_cli_available_only_leaves_out_what_cannot_run(tmp_path: Path) -> None:
+    from benchmarks.study.methods import METHODS, unavailable
+
+    out = tmp_path / "plan.json"
+    assert plan.main(["--records", str(tmp_path), "--out", str(out), "--available-only"]) == 0
+    planned = {m for s in json.loads(out.read_text())["settings"] for m in s["methods"]}
+    assert planned and all(unavailable(METHODS[m]) is None for m in planned)
