@@ -378,9 +378,9 @@ def write_report(
         + f" ({len(invocations)} invocation(s); the cache makes it resumable)"
         if not command
         else f"- Command: `{command}` ({len(invocations)} invocation(s); resumable)",
-        f"- Runs: {len(runs)} = datasets {datasets} x models "
-        f"{sorted({r['key']['model'] for r in runs})} x {len({r['key']['method'] for r in runs})}"
-        f" methods x seeds {seeds}",
+        f"- Runs: {len(runs)} over datasets {datasets}, models "
+        f"{sorted({r['key']['model'] for r in runs})}, {len({r['key']['method'] for r in runs})}"
+        f" methods, seeds {seeds} (methods that duplicate another at K = 2 are not run)",
         f"- Settings: epochs {settings.get('epochs')} (early stopping on the mean validation AUC, "
         f"patience {settings.get('patience')}; the best epoch is restored before testing), batch "
         f"{settings.get('batch_size')}, Adam lr {settings.get('lr')}, weight decay "
