@@ -137,6 +137,18 @@ BASELINE = "equal"
 STUDY_METHODS = tuple(n for n in METHODS if n != "as-released")
 
 
+def _spaces(callback: Any, wrapper: Any) -> tuple[str, ...]:
+    """The ``space`` values the installed ``UpdateBalancing`` accepts (from its type hints)."""
+    try:
+        hint = typing.get_type_hints(callback.__init__).get("space")
+        values = typing.get_args(hint)
+        if values:
+            return tuple(values)
+    except Exception:  # unresolvable annotations: fall back to the module's alias
+        pass
+    return tuple(typing.get_args(getattr(wrapper, "Space", Literal["update", "gradient"])))
+
+
 def unavailable(method: Method) -> str | None:
     """Why the installed ``pub_optim`` cannot train ``method`` (None when it can)."""
     if method.kind != "callback":
@@ -153,7 +165,7 @@ def unavailable(method: Method) -> str | None:
             f"method {method.name!r} needs UpdateBalancing({', '.join(missing)}=...), which the "
             "installed pub_optim lacks; update pub_optim or leave the method out"
         )
-    spaces = typing.get_args(getattr(wrapper, "Space", Literal["update", "gradient"]))
+    spaces = _spaces(UpdateBalancing, wrapper)
     if method.space not in spaces:
         return (
             f"method {method.name!r} needs space={method.space!r}, which the installed pub_optim "
