@@ -10,10 +10,11 @@ Seeds: for each (scenario, model) the number of seeds that detects +0.002 mean t
 power at ``0.05 / m`` (m = the plan's primary comparisons; :mod:`benchmarks.study.protocol`),
 from the pooled standard deviation of the paired differences of the PUB methods against equal
 weighting in the committed records (``--records``). A scenario without records of its own takes
-the spread of its base data set (``adult-x100`` -> ``adult``), or the largest measured spread
-when it has none (the synthetic sweep); rerun the planner after the first tranches to re-plan
-from the scenario's own spread. A setting that would need more than ``MAX_SEEDS`` seeds gets
-``MAX_SEEDS`` and is marked underpowered (its smallest detectable effect is reported instead).
+the spread of its base data set (``adult-x100`` -> ``adult``; the synthetic sweep takes
+Adult's, as a stand-in), or the largest measured spread when the base has none; rerun the
+planner after the first tranches to re-plan from the scenario's own spread. A setting that
+would need more than ``MAX_SEEDS`` seeds gets ``MAX_SEEDS`` and is marked underpowered (its
+smallest detectable effect is reported instead).
 
 Time per run: the median worker time of the same (data set, model, method) in the records;
 methods without records take PUB pareto's time x 1.3 (per-task state and the marginal space
