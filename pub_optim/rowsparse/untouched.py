@@ -59,6 +59,8 @@ class UntouchedRows:
             must have a zero gradient for every task).
         values: ``[K, len(rows), *row_shape]``: the per-task gradients on those rows.
         chunk: elements per block of the whole-table drift passes.
+        keep_drift: keep ``d_0`` of the whole table between :meth:`gram` and :meth:`apply` (one
+            table-sized temporary, one look-ahead pass less); ``False`` recomputes it.
     """
 
     transform: UpdateTransform
@@ -66,6 +68,7 @@ class UntouchedRows:
     rows: Tensor
     values: Tensor
     chunk: int = 1 << 20
+    keep_drift: bool = True
 
     def __post_init__(self) -> None:
         self._sub = row_context(self.ctx, self.rows)
@@ -74,6 +77,7 @@ class UntouchedRows:
         self._updates = torch.empty_like(flat_values)
         if flat_values.shape[1]:
             self.transform.lookahead(self._sub, 0, flat_values.shape[1], flat_values, self._updates)
+        self._drift: Tensor | None = None
         self._drift_sq = self._drift_norm_sq()
 
     @property
@@ -99,9 +103,11 @@ class UntouchedRows:
         untouched = torch.ones(param.shape[0], dtype=torch.bool, device=param.device)
         untouched[self.rows] = False
         total = torch.zeros((), dtype=torch.float64, device=param.device)
+        if self.keep_drift:
+            self._drift = torch.empty(param.numel(), dtype=param.dtype, device=param.device)
         for lo, hi in self._drift_chunks():
             zero = torch.zeros((1, hi - lo), dtype=param.dtype, device=param.device)
-            d0 = torch.empty_like(zero)
+            d0 = torch.empty_like(zero) if self._drift is None else self._drift[lo:hi].view(1, -1)
             self.transform.lookahead(self.ctx, lo, hi, zero, d0)
             keep = untouched[lo // row_len : hi // row_len].unsqueeze(1)
             d0 = d0.view(-1, row_len).double() * keep
@@ -122,9 +128,13 @@ class UntouchedRows:
         total = float(weights.sum())
         for lo, hi in self._drift_chunks():
             zero = torch.zeros((1, hi - lo), dtype=self.ctx.param.dtype, device=w.device)
-            d0 = torch.empty_like(zero)
-            self.transform.lookahead(self.ctx, lo, hi, zero, d0)
+            if self._drift is None:
+                d0 = torch.empty_like(zero)
+                self.transform.lookahead(self.ctx, lo, hi, zero, d0)
+            else:
+                d0 = self._drift[lo:hi].view(1, -1)
             self.transform.commit(self.ctx, lo, hi, zero[0], d0[0].mul_(total))
+        self._drift = None
         k_count = self.num_tasks
         flat_values = self.values.reshape(k_count, -1)
         if flat_values.shape[1] == 0:

@@ -135,7 +135,8 @@ def test_sparse_refusals_name_what_works() -> None:
         lambda p: torch.optim.Adagrad([p], lr=0.1),
     ],
 )
-def test_untouched_row_shortcut_equals_the_dense_computation(make) -> None:
+@pytest.mark.parametrize("keep_drift", [True, False])
+def test_untouched_row_shortcut_equals_the_dense_computation(make, keep_drift: bool) -> None:
     torch.manual_seed(2)
     n, dim, k = 60, 5, 3
     base = torch.randn(n, dim)
@@ -160,7 +161,9 @@ def test_untouched_row_shortcut_equals_the_dense_computation(make) -> None:
         t_dense.finish(ctx)
         # shortcut: K look-aheads on the touched rows, the drift once
         ctx = t_short.begin(p_short, o_short.param_groups[0])
-        short = UntouchedRows(t_short, ctx, rows, task_grads[:, rows], chunk=64)
+        short = UntouchedRows(
+            t_short, ctx, rows, task_grads[:, rows], chunk=64, keep_drift=keep_drift
+        )
         torch.testing.assert_close(short.gram(), g_dense, rtol=1e-6, atol=1e-9)
         short.apply(weights)
         t_short.finish(ctx)
