@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .checks import check_args
 from .data import DATASETS
 from .errors import ConfigError, UserError
 from .models import MODELS
@@ -148,25 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if args.experts is not None:
-        if args.model not in ("mmoe", "sparse-moe"):
-            raise ConfigError("--experts applies to --model mmoe or sparse-moe")
-        options["num_experts"] = args.experts
-    if args.top_k is not None:
-        if args.model != "sparse-moe":
-            raise ConfigError("--top-k applies to --model sparse-moe")
-        options["top_k"] = args.top_k
-    for flag, key in (("levels", "num_levels"), ("shared_experts", "num_shared")):
-        if getattr(args, flag) is not None:
-            if args.model != "ple":
-                raise ConfigError(f"--{flag.replace('_', '-')} applies to --model ple")
-            options[key] = getattr(args, flag)
-    if args.task_experts is not None:
-        if args.model != "ple":
-            raise ConfigError("--task-experts applies to --model ple")
-        options["num_specific"] = args.task_experts
-    return options
+    from .checks import model_options
+
+    return model_options(args)
 
 
 def _data_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -365,6 +350,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))  # exit 2 with "error: ...", before any work
     try:
         if args.command == "fit":
             return cmd_fit(args)
