@@ -1,22 +1,33 @@
 """The elementwise work of one balanced step with an exact look-ahead transform.
 
 Yuan, Cai, Dong, arXiv:2410.05806, steps 2-6: over the shared parameters' per-task gradients
-(:class:`TaskGrads`), the Gram matrix of the look-ahead updates (``space="update"``) or of the
-gradients (``space="gradient"``), then the weighted update and the state advance. Eager, in
-cache-sized column blocks, for every transform; compiled (:mod:`pub_optim.transforms.fused`) for
-Adam/AdamW when ``fused`` allows it, falling back to the eager path with a warning if a kernel
-fails. :class:`pub_optim.PUB` owns one engine and decides what to solve and when.
+(:class:`TaskGrads`), the Gram matrices of one pass (:class:`StepGrams`: the look-ahead updates
+``d_k``, their task-attributable parts ``d_k - d_0``, the gradients), then the weighted update and
+the state advance. The two axes of :class:`pub_optim.PUB` meet here and nowhere else:
+
+* *which state each look-ahead reads* (``state``): one context per parameter (the shared state), or
+  one per task and parameter (``state="per_task"``: task ``k`` looks ahead from, and advances, its
+  own state; the parameter is updated once);
+* *which Gram matrix the strategy sees* (``space``): see :mod:`pub_optim.spaces`.
+
+Eager, in cache-sized column blocks, for every transform; compiled
+(:mod:`pub_optim.transforms.fused`) for Adam/AdamW with the shared state when ``fused`` allows it
+(the drift ``d_0`` is then a phantom task with a zero gradient), falling back to the eager path
+with a warning if a kernel fails. :class:`pub_optim.PUB` owns one engine and decides what to solve
+and when.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .spaces import Space, StepGrams, marginal_from_augmented
 from .transforms import UpdateTransform
 from .transforms import fused as kernels
 from .transforms.base import ParamContext
@@ -63,14 +74,31 @@ class TaskGrads:
         return [self.stacked(i) for i in (range(len(self)) if indices is None else indices)]
 
 
+#: Per shared parameter: its one context (the shared state) or one per task (``per_task``).
+Contexts = Sequence[ParamContext]
+
+
+@dataclass
+class _Wanted:
+    """Which matrices a Gram pass accumulates."""
+
+    lookahead: bool
+    marginal: bool
+    gradient: bool
+    drift: bool
+
+
 class ExactStepEngine:
-    """Gram matrix and weighted apply over the per-task gradients, for one transform.
+    """Gram matrices and weighted apply over the per-task gradients, for one transform.
 
     Args:
         transform: the wrapped optimizer's exact look-ahead transform.
-        space: ``"update"`` (Gram of the look-ahead updates) or ``"gradient"``.
+        space: ``"update"``, ``"marginal"`` or ``"gradient"`` (:mod:`pub_optim.spaces`).
         chunk_size: columns per eager block (``None``: 65536 on CPU, whole tensors elsewhere).
         fused: as :class:`pub_optim.PUB`'s ``fused`` argument.
+        per_task: one state per task (the contexts of each parameter are per task).
+        diagnostics: also accumulate the matrices the strategy does not see (gradients, look-ahead
+            updates, drift), for :class:`pub_optim.BalanceStats`.
 
     Attributes:
         fused_failed: a compiled kernel failed once; every later step is eager.
@@ -79,20 +107,37 @@ class ExactStepEngine:
     def __init__(
         self,
         transform: UpdateTransform,
-        space: Literal["update", "gradient"],
+        space: Space,
         chunk_size: int | None,
         fused: bool | None,
+        *,
+        per_task: bool = False,
+        diagnostics: bool = False,
     ) -> None:
         self.transform = transform
         self.space = space
         self.chunk_size = chunk_size
         self.fused = fused
+        self.per_task = per_task
+        self.diagnostics = diagnostics
         self.fused_failed = False
+        # The eager blocks' scratch, kept for the length of one pass (see _scratch).
+        self._buffers: dict[str, Tensor] = {}
+
+    def _wanted(self) -> _Wanted:
+        looks = self.space != "gradient"
+        extra = self.diagnostics
+        return _Wanted(
+            lookahead=self.space == "update" or (extra and looks),
+            marginal=self.space == "marginal" or (extra and looks),
+            gradient=self.space == "gradient" or extra,
+            drift=self.space == "marginal" or (extra and looks),
+        )
 
     def fused_enabled(self, params: Sequence[Tensor], num_tasks: int) -> bool:
         """Whether a step over these shared parameters with ``num_tasks`` tasks runs the compiled
-        kernels."""
-        if self.fused is False or self.fused_failed or self.space != "update":
+        kernels (the shared state only: the kernels read one state per parameter)."""
+        if self.fused is False or self.fused_failed or self.space == "gradient" or self.per_task:
             return False
         if not hasattr(self.transform, "fused_operands") or not params:
             return False
@@ -103,54 +148,130 @@ class ExactStepEngine:
         return True
 
     def fused_items(
-        self, contexts: list[ParamContext], task_grads: TaskGrads
+        self, contexts: Sequence[Contexts], task_grads: TaskGrads
     ) -> list[FusedItem] | None:
-        """The compiled kernels' calls of this step (``None``: the eager path)."""
+        """The compiled kernels' calls of this step (``None``: the eager path). When the drift is
+        wanted, each item carries one more row: a zero gradient, whose update is ``d_0``."""
         if not len(task_grads):
             return None
-        rows = [task_grads.rows(i) for i in range(len(task_grads))]
+        rows = [list(task_grads.rows(i)) for i in range(len(task_grads))]
         if not self.fused_enabled([r[0] for r in rows], len(rows[0])):
             return None
+        if self._wanted().drift:
+            rows = [[*r, torch.zeros_like(r[0])] for r in rows]
         transform: Any = self.transform
         return kernels.batch(
-            rows, [transform.fused_operands(ctx) for ctx in contexts], FUSED_MIN_TENSOR
+            rows, [transform.fused_operands(ctx[0]) for ctx in contexts], FUSED_MIN_TENSOR
         )
 
     def gram(
         self,
-        contexts: list[ParamContext],
+        contexts: Sequence[Contexts],
         task_grads: TaskGrads,
         k: int,
         items: list[FusedItem] | None = None,
-    ) -> Tensor:
-        """``G = [<d_i, d_j>]`` in float64: the compiled kernel over ``items`` when given (and
-        working), else eager cache-sized blocks, each a look-ahead into a ``K x chunk`` scratch
-        and a float32 matrix product added into ``G``."""
+    ) -> StepGrams:
+        """The Gram matrices of this step in float64: the compiled kernel over ``items`` when given
+        (and working), else eager cache-sized blocks, each a look-ahead into a ``K x chunk``
+        scratch and float32 matrix products added into the matrices."""
         device = task_grads.rows(0)[0].device if len(task_grads) else torch.device("cpu")
-        gram = torch.zeros((k, k), dtype=torch.float64, device=device)
-        if items is not None and self._gram_fused(items, gram):
-            return gram
-        buffers = task_grads.all_stacked()
-        scratch: Tensor | None = None
-        for ctx, buf in zip(contexts, buffers, strict=True):
+        want = self._wanted()
+        if items is not None:
+            fused = self._gram_fused(items, k, device, want)
+            if fused is not None:
+                if want.gradient:
+                    fused.gradient = _gradient_gram(task_grads, k, device)
+                return fused
+        return self._gram_eager(contexts, task_grads.all_stacked(), k, device, want)
+
+    def _gram_eager(
+        self,
+        contexts: Sequence[Contexts],
+        buffers: list[Tensor],
+        k: int,
+        device: torch.device,
+        want: _Wanted,
+    ) -> StepGrams:
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
+        out = StepGrams(
+            space=self.space,
+            lookahead=zeros(k, k) if want.lookahead else None,
+            marginal=zeros(k, k) if want.marginal else None,
+            gradient=zeros(k, k) if want.gradient else None,
+            drift_dots=zeros(k) if want.drift else None,
+            drift_sq=zeros(k) if want.drift else None,
+        )
+        looks = want.lookahead or want.marginal
+        self._buffers = {}
+        for ctxs, buf in zip(contexts, buffers, strict=True):
             flat = buf.view(k, -1)
             chunk = self._chunk(flat)
             for lo in range(0, flat.shape[1], chunk):
                 hi = min(lo + chunk, flat.shape[1])
                 block = flat[:, lo:hi]
-                if self.space == "update":
-                    if scratch is None or scratch.dtype != flat.dtype or scratch.shape[1] < hi - lo:
-                        scratch = flat.new_empty((k, min(chunk, flat.shape[1])))
-                    out = scratch[:, : hi - lo]
-                    self.transform.lookahead(ctx, lo, hi, block, out)
-                    block = out
-                gram.add_(torch.mm(block, block.T))
-        return gram
+                if out.gradient is not None:
+                    out.gradient.add_(torch.mm(block, block.T))
+                if not looks:
+                    continue
+                d = self._lookahead(ctxs, lo, hi, block)
+                if out.lookahead is not None:
+                    out.lookahead.add_(torch.mm(d, d.T))
+                if want.drift:
+                    d0 = self._drift(ctxs, lo, hi, block)
+                    assert out.drift_dots is not None and out.drift_sq is not None
+                    out.drift_dots.add_((d * d0).sum(1, dtype=torch.float64))
+                    out.drift_sq.add_((d0 * d0).sum(1, dtype=torch.float64).expand(k))
+                    if out.marginal is not None:
+                        d.sub_(d0)  # d_k - d_0: exactly zero for a task with a zero gradient
+                        out.marginal.add_(torch.mm(d, d.T))
+        self._buffers = {}
+        return out
 
-    def _gram_fused(self, items: list[FusedItem], gram: Tensor) -> bool:
-        """Add the compiled kernel's Gram matrix to ``gram``; ``False`` (``gram`` untouched) if
-        the kernel fails, and the eager pass computes the same matrix."""
-        k = gram.shape[0]
+    def _scratch(self, name: str, rows: int, like: Tensor, zero: bool = False) -> Tensor:
+        """A ``[rows, like.shape[1]]`` block of scratch, reused over the blocks of one pass (the
+        ``K x chunk`` temporaries stay in cache and nothing is allocated per block)."""
+        n = like.shape[1]
+        buf = self._buffers.get(name)
+        if (
+            buf is None
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+            or buf.shape[0] != rows
+            or buf.shape[1] < n
+        ):
+            make = like.new_zeros if zero else like.new_empty
+            buf = make((rows, n))
+            self._buffers[name] = buf
+        return buf[:, :n]
+
+    def _lookahead(self, ctxs: Contexts, lo: int, hi: int, block: Tensor) -> Tensor:
+        """``[K, hi - lo]`` look-ahead updates: from the one shared context, or task ``k``'s row
+        from task ``k``'s context."""
+        out = self._scratch("lookahead", block.shape[0], block)
+        if len(ctxs) == 1:
+            self.transform.lookahead(ctxs[0], lo, hi, block, out)
+        else:
+            for j, ctx in enumerate(ctxs):
+                self.transform.lookahead(ctx, lo, hi, block[j : j + 1], out[j : j + 1])
+        return out
+
+    def _drift(self, ctxs: Contexts, lo: int, hi: int, block: Tensor) -> Tensor:
+        """``d_0 = T(0; S)`` on columns ``lo:hi``: ``[1, n]`` (shared state) or ``[K, n]`` (one per
+        task's state)."""
+        zero = self._scratch("zero", 1, block, zero=True)
+        out = self._scratch("drift", len(ctxs), block)
+        for j, ctx in enumerate(ctxs):
+            self.transform.lookahead(ctx, lo, hi, zero, out[j : j + 1])
+        return out
+
+    def _gram_fused(
+        self, items: list[FusedItem], k: int, device: torch.device, want: _Wanted
+    ) -> StepGrams | None:
+        """The compiled kernel's Gram matrix (of ``K + 1`` rows when the drift is wanted);
+        ``None`` if the kernel fails, and the eager pass computes the same matrices."""
+        rows = k + 1 if want.drift else k
         packed: Tensor | None = None
         for item in items:
             try:
@@ -163,38 +284,56 @@ class ExactStepEngine:
                     stacklevel=4,
                 )
                 self.fused_failed = True
-                return False
+                return None
             packed = part if packed is None else packed + part
-        if packed is not None:
-            gram.add_(kernels.unpack_gram(packed, k))
-        return True
+        full = (
+            torch.zeros((rows, rows), dtype=torch.float64, device=device)
+            if packed is None
+            else kernels.unpack_gram(packed, rows)
+        )
+        if not want.drift:
+            return StepGrams(space=self.space, lookahead=full)
+        lookahead, marginal, dots, sq = marginal_from_augmented(full)
+        return StepGrams(
+            space=self.space,
+            lookahead=lookahead if want.lookahead else None,
+            marginal=marginal,
+            drift_dots=dots,
+            drift_sq=sq,
+        )
 
     def apply(
         self,
-        contexts: list[ParamContext],
+        contexts: Sequence[Contexts],
         task_grads: TaskGrads,
         weights: Tensor,
         items: list[FusedItem] | None,
+        drift_weight: float | Tensor = 0.0,
     ) -> None:
-        """``theta <- theta + sum_k alpha_k d_k`` and the state advanced with ``sum_k alpha_k g_k``
-        (``items``: from :meth:`fused_items`, ``None`` for the eager path)."""
+        """``theta <- theta + sum_k alpha_k d_k + drift_weight * d_0`` and the state advanced
+        with ``sum_k alpha_k g_k`` (each task's state with its own ``g_k`` under ``per_task``).
+        ``items``: from :meth:`fused_items`, ``None`` for the eager path."""
         if items is not None and not self.fused_failed:
-            self.apply_fused(contexts, task_grads, weights, items)
+            self.apply_fused(contexts, task_grads, weights, items, drift_weight)
         else:
-            self.apply_eager(contexts, task_grads.all_stacked(), weights)
+            self.apply_eager(contexts, task_grads.all_stacked(), weights, None, drift_weight)
 
     def apply_eager(
         self,
-        contexts: list[ParamContext],
+        contexts: Sequence[Contexts],
         task_grads: list[Tensor],
         weights: Tensor,
         keep: Tensor | None = None,
+        drift_weight: float | Tensor = 0.0,
     ) -> None:
         """The eager apply pass. ``keep``: a 0-d bool tensor; where it is False the parameters and
         their state keep their values (decided on the device: each block's values are saved
-        before the commit and selected after it)."""
-        scratch: Tensor | None = None
-        for ctx, buf in zip(contexts, task_grads, strict=True):
+        before the commit and selected after it). ``drift_weight``: the weight of ``d_0`` in the
+        applied update (``1 - sum_k alpha_k`` in the marginal space; a Python ``0.0`` skips
+        it)."""
+        with_drift = not (isinstance(drift_weight, float) and drift_weight == 0.0)
+        self._buffers = {}
+        for ctxs, buf in zip(contexts, task_grads, strict=True):
             k = buf.shape[0]
             flat = buf.view(k, -1)
             alpha = weights.to(device=flat.device, dtype=flat.dtype)
@@ -203,26 +342,28 @@ class ExactStepEngine:
                 hi = min(lo + chunk, flat.shape[1])
                 block = flat[:, lo:hi]
                 combined = alpha @ block
-                rows = k if self.space == "update" else 1
-                if (
-                    scratch is None
-                    or scratch.dtype != flat.dtype
-                    or scratch.shape[1] < hi - lo
-                    or scratch.shape[0] != rows
-                ):
-                    scratch = flat.new_empty((rows, min(chunk, flat.shape[1])))
-                out = scratch[:, : hi - lo]
-                if self.space == "update":
-                    self.transform.lookahead(ctx, lo, hi, block, out)
-                    update = alpha @ out
-                else:
-                    self.transform.lookahead(ctx, lo, hi, combined.unsqueeze(0), out)
+                if self.space == "gradient":
+                    out = self._scratch("combined", 1, block)
+                    self.transform.lookahead(ctxs[0], lo, hi, combined.unsqueeze(0), out)
                     update = out[0]
-                if keep is None:
-                    self.transform.commit(ctx, lo, hi, combined, update)
                 else:
-                    self._commit_where(keep, ctx, lo, hi, combined, update)
-            self.transform.finish(ctx)
+                    update = alpha @ self._lookahead(ctxs, lo, hi, block)
+                    if with_drift:
+                        d0 = self._drift(ctxs, lo, hi, block)
+                        mix = d0[0] if len(ctxs) == 1 else (alpha / alpha.sum()) @ d0
+                        update = update + mix * drift_weight
+                if len(ctxs) > 1:  # one state per task: each advances with its own gradient
+                    assert keep is None
+                    for j, ctx in enumerate(ctxs):
+                        self.transform.advance(ctx, lo, hi, block[j])
+                    self.transform.apply_update(ctxs[0], lo, hi, update)
+                elif keep is None:
+                    self.transform.commit(ctxs[0], lo, hi, combined, update)
+                else:
+                    self._commit_where(keep, ctxs[0], lo, hi, combined, update)
+            for ctx in ctxs:
+                self.transform.finish(ctx)
+        self._buffers = {}
 
     def _commit_where(
         self, keep: Tensor, ctx: ParamContext, lo: int, hi: int, grad: Tensor, update: Tensor
@@ -236,13 +377,17 @@ class ExactStepEngine:
 
     def apply_fused(
         self,
-        contexts: list[ParamContext],
+        contexts: Sequence[Contexts],
         task_grads: TaskGrads,
         weights: Tensor,
         items: list[FusedItem],
+        drift_weight: float | Tensor = 0.0,
     ) -> None:
         for n, item in enumerate(items):
             alpha = weights.to(device=item.grads[0].device, dtype=item.grads[0].dtype)
+            if len(item.grads) > alpha.shape[0]:  # the phantom zero-gradient row: d_0
+                extra = torch.as_tensor(drift_weight, dtype=alpha.dtype, device=alpha.device)
+                alpha = torch.cat([alpha, extra.reshape(1)])
             try:
                 kernels.adam_apply(item.grads, alpha, item.operands, item.constants)
             except Exception as exc:  # parameters are independent: the rest goes the eager way
@@ -254,13 +399,34 @@ class ExactStepEngine:
                     stacklevel=3,
                 )
                 self.fused_failed = True
-                self.apply_eager([contexts[j] for j in rest], task_grads.all_stacked(rest), weights)
+                self.apply_eager(
+                    [contexts[j] for j in rest],
+                    task_grads.all_stacked(rest),
+                    weights,
+                    None,
+                    drift_weight,
+                )
                 return
             item.write_back()
             for i in item.indices:
-                self.transform.finish(contexts[i])
+                self.transform.finish(contexts[i][0])
 
     def _chunk(self, tensor: Tensor) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
         return DEFAULT_CPU_CHUNK if tensor.device.type == "cpu" else max(1, tensor[0].numel())
+
+
+def _gradient_gram(task_grads: TaskGrads, k: int, device: torch.device) -> Tensor:
+    """``[<g_i, g_j>]`` in float64 from the kept per-task gradients (the fused path's
+    diagnostics: one float32 dot product per pair and parameter)."""
+    gram = torch.zeros((k, k), dtype=torch.float64, device=device)
+    for i in range(len(task_grads)):
+        rows = [g.reshape(-1) for g in task_grads.rows(i)]
+        for a in range(k):
+            for b in range(a, k):
+                value = torch.dot(rows[a], rows[b]).double()
+                gram[a, b] += value
+                if a != b:
+                    gram[b, a] += value
+    return gram

@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import GradientAllReduce, is_distributed
 from .strategies import StrategyLike, UpdateBalancer, get_strategy
-from .wrapper import PUB, BetweenSolves, Space, split_task_losses
+from .wrapper import PUB, BetweenSolves, Space, StateMode, split_task_losses
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,14 @@ class UpdateBalancing(_CallbackBase):
     Args:
         strategy: ``"pareto"`` (default), ``"min-norm"``, ``"equal-magnitude"``, ``"equal"``, fixed
             weights, or an :class:`~pub_optim.UpdateBalancer`.
-        space: ``"update"`` (PUB) or ``"gradient"`` (the MGDA / IMTL-G / Nash-MTL baselines).
+        space: ``"update"`` (PUB), ``"marginal"`` (the task-attributable parts ``d_k - d_0`` of
+            the updates) or ``"gradient"`` (the MGDA / IMTL-G / Nash-MTL baselines); see
+            :class:`~pub_optim.PUB`.
+        state: ``"shared"`` (one optimizer state, the paper's) or ``"per_task"`` (every task its
+            own state of the shared parameters); see :class:`~pub_optim.PUB`.
+        diagnostics: measure and log, per task, how much of its update is momentum drift, and the
+            gradients' norms and cosines beside the updates' (``docs/diagnostics.md``); costs one
+            more look-ahead row per step.
         solve_every: re-solve the weights every N optimizer steps.
         between_solves: see :class:`~pub_optim.PUB`.
         chunk_size: see :class:`~pub_optim.PUB`.
@@ -262,6 +269,8 @@ class UpdateBalancing(_CallbackBase):
         strategy: StrategyLike = "pareto",
         *,
         space: Space = "update",
+        state: StateMode = "shared",
+        diagnostics: bool = False,
         solve_every: int = 1,
         between_solves: BetweenSolves = "weighted_gradient",
         chunk_size: int | None = None,
@@ -280,6 +289,8 @@ class UpdateBalancing(_CallbackBase):
             torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0),
             balancer,
             space=space,
+            state=state,
+            diagnostics=diagnostics,
             solve_every=solve_every,
             between_solves=between_solves,
             chunk_size=chunk_size,
@@ -306,6 +317,8 @@ class UpdateBalancing(_CallbackBase):
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb!r}")
         self.balancer = balancer
         self.space: Space = space
+        self.state_mode: StateMode = state
+        self.diagnostics = diagnostics
         self.solve_every = solve_every
         self.between_solves: BetweenSolves = between_solves
         self.chunk_size = chunk_size
@@ -390,6 +403,8 @@ class UpdateBalancing(_CallbackBase):
             inner,
             strategy=self.balancer,
             space=self.space,
+            state=self.state_mode,
+            diagnostics=self.diagnostics,
             shared_params=shared,
             solve_every=self.solve_every,
             between_solves=self.between_solves,
@@ -609,6 +624,11 @@ class UpdateBalancing(_CallbackBase):
             for i, name in enumerate(names):
                 for j in range(i + 1, len(names)):
                     values[f"{self.prefix}/cosine/{name}~{names[j]}"] = cos[i][j]
+        if stats.diagnostics is not None:
+            extra = stats.diagnostics.as_dict(names, self.prefix)
+            if not self.log_cosines:
+                extra = {key: value for key, value in extra.items() if "~" not in key}
+            values.update(extra)
         if self.nonfinite == "skip":
             values[f"{self.prefix}/skipped_steps"] = float(pub.skipped_steps)
         kwargs: dict[str, Any] = {"on_step": True, "on_epoch": False, "batch_size": 1}

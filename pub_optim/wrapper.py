@@ -13,11 +13,21 @@ Recommendation Systems", arXiv:2410.05806. One step, K tasks, shared parameters 
 
 Task-specific parameters (reached by one task) take the wrapped optimizer's ordinary step on their
 own gradient. ``space="gradient"`` runs the same strategies on the gradients' Gram matrix followed
-by an ordinary step on ``g*``: the MGDA / IMTL-G / Nash-MTL baselines.
+by an ordinary step on ``g*``: the MGDA / IMTL-G / Nash-MTL baselines; ``space="marginal"``
+balances ``d_k - d_0``, the part of each update that the task's gradient accounts for
+(:mod:`pub_optim.spaces`). ``state="per_task"`` gives every task its own optimizer state
+(:mod:`pub_optim.task_states`).
+
+A step goes one way: :meth:`PUB.backward` collects the per-task gradients; :meth:`PUB.step`
+carries over ``.grad`` edits, then hands them to the path chosen at construction: the exact
+engine (:mod:`pub_optim.exact_step`: look-ahead, Gram matrices, weights, apply; on the device
+with ``sync_free``) or the combined step (the generic snapshot look-ahead, and the gradient
+space).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,13 +39,16 @@ from torch import Tensor
 
 from .exact_step import ExactStepEngine, TaskGrads
 from .partition import task_owners
+from .spaces import SPACES, Space, StepGrams, drift_weight
 from .stats import BalanceStats
 from .strategies import StrategyLike, UpdateBalancer, get_strategy
+from .task_states import TaskStates
 from .transforms import UpdateTransform, exact_transform_for
 from .transforms.base import ParamContext
 from .transforms.generic import GenericLookahead
 
-Space = Literal["update", "gradient"]
+StateMode = Literal["shared", "per_task"]
+STATE_MODES: tuple[StateMode, ...] = ("shared", "per_task")
 BetweenSolves = Literal["weighted_gradient", "reuse_weights"]
 TaskLosses = Sequence[Tensor] | Mapping[str, Tensor]
 
@@ -87,8 +100,23 @@ class PUB(torch.optim.Optimizer):
         strategy: ``"pareto"`` (default, the paper's choice), ``"min-norm"``,
             ``"equal-magnitude"``, ``"equal"``, a sequence of fixed weights, or an
             :class:`~pub_optim.UpdateBalancer`.
-        space: ``"update"`` balances the look-ahead updates (PUB); ``"gradient"`` balances the
-            raw gradients and steps on their weighted sum (MGDA, IMTL-G, Nash-MTL).
+        space: ``"update"`` balances the look-ahead updates (PUB); ``"marginal"`` balances their
+            task-attributable parts ``d_k - d_0`` (``d_0``: the update of a zero gradient, the
+            momentum drift every task shares) and applies ``d_0 + sum_k alpha_k (d_k - d_0)``;
+            ``"gradient"`` balances the raw gradients and steps on their weighted sum (MGDA,
+            IMTL-G, Nash-MTL). See :mod:`pub_optim.spaces`.
+        state: ``"shared"`` (default, the paper's): one state of the wrapped optimizer, advanced
+            with ``g* = sum_k alpha_k g_k``. ``"per_task"``: every task keeps its own state for
+            the shared parameters (AdaTask, Yang et al., AAAI 2023): ``d_k = T(g_k; S_k)``, the
+            parameters move by ``sum_k alpha_k d_k`` and each ``S_k`` advances with its own
+            ``g_k``; task-specific parameters keep the ordinary state. Not with
+            ``space="gradient"`` (one ordinary step on ``g*``: one state), ``sync_free``, the
+            compiled kernels (``fused=True``; ``fused=None`` runs eager), or ``solve_every > 1``
+            with ``between_solves="weighted_gradient"``.
+        diagnostics: also measure, in the same pass, the gradients' Gram matrix and the drift
+            ``d_0`` of each task's update (:class:`pub_optim.stats.BalanceDiagnostics` in
+            :attr:`last_stats`); costs one more look-ahead row per step (always on in the
+            marginal space, which computes the drift anyway, but for the gradients' matrix).
         shared_params: the parameters to balance. ``None``: every optimizer parameter that more
             than one task's loss reaches, discovered from the autograd graph on the first
             :meth:`backward` (pass them explicitly when the graph changes between steps, e.g.
@@ -138,6 +166,8 @@ class PUB(torch.optim.Optimizer):
         strategy: StrategyLike = "pareto",
         *,
         space: Space = "update",
+        state: StateMode = "shared",
+        diagnostics: bool = False,
         shared_params: Iterable[Tensor] | None = None,
         solve_every: int = 1,
         between_solves: BetweenSolves = "weighted_gradient",
@@ -151,8 +181,12 @@ class PUB(torch.optim.Optimizer):
             raise TypeError(f"PUB wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, PUB):
             raise TypeError("the optimizer is already wrapped in PUB")
-        if space not in ("update", "gradient"):
-            raise ValueError(f"space must be 'update' or 'gradient', got {space!r}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {list(SPACES)}, got {space!r}")
+        if state not in STATE_MODES:
+            raise ValueError(f"state must be one of {list(STATE_MODES)}, got {state!r}")
+        if state == "per_task":
+            _check_per_task(space, sync_free, fused, solve_every, between_solves)
         if not isinstance(solve_every, int) or solve_every < 1:
             raise ValueError(f"solve_every must be a positive integer, got {solve_every!r}")
         if between_solves not in ("weighted_gradient", "reuse_weights"):
@@ -175,6 +209,8 @@ class PUB(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.balancer: UpdateBalancer = get_strategy(strategy)
         self.space: Space = space
+        self.state_mode: StateMode = state
+        self.diagnostics = bool(diagnostics)
         self.solve_every = solve_every
         self.between_solves: BetweenSolves = between_solves
         self.check_finite = check_finite
@@ -209,8 +245,16 @@ class PUB(torch.optim.Optimizer):
             for group in optimizer.param_groups:
                 self._transform.validate_group(group)
             self._engine = ExactStepEngine(
-                self._transform, space, chunk_size, False if sync_free else fused
+                self._transform,
+                space,
+                chunk_size,
+                False if sync_free else fused,
+                per_task=state == "per_task",
+                diagnostics=self.diagnostics,
             )
+        self._task_states: TaskStates | None = (
+            TaskStates(optimizer) if state == "per_task" else None
+        )
         self._chunk_size = chunk_size
         self._fused = fused
         self._explicit_shared: list[Tensor] | None = None
@@ -313,7 +357,7 @@ class PUB(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (
             f"PUB({type(self.optimizer).__name__}, strategy={self.balancer!r}, "
-            f"space={self.space!r}, solve_every={self.solve_every})"
+            f"space={self.space!r}, state={self.state_mode!r}, solve_every={self.solve_every})"
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -329,36 +373,76 @@ class PUB(torch.optim.Optimizer):
         self._losses_finite = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "pub": {
-                "step": self._step_count,
-                "task_names": None if self._task_names is None else list(self._task_names),
-                "weights": None if self._weights is None else self._weights.cpu().tolist(),
-                "balancer": self.balancer.state_dict(),
-            },
+        """The wrapped optimizer's ``state_dict`` (``state``, ``param_groups``: torch's format, so
+        ``torch.distributed.checkpoint`` and plain optimizers read it) with PUB's own part beside
+        them under ``"pub"``: the step count, task names, last weights, the balancer's state and,
+        with ``state="per_task"``, each task's optimizer state of the shared parameters (by
+        parameter index, as ``state``). State-dict hooks registered on PUB are called as torch
+        calls them."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        out: dict[str, Any] = dict(self.optimizer.state_dict())
+        pub: dict[str, Any] = {
+            "step": self._step_count,
+            "task_names": None if self._task_names is None else list(self._task_names),
+            "weights": None if self._weights is None else self._weights.cpu().tolist(),
+            "balancer": self.balancer.state_dict(),
+            "state_mode": self.state_mode,
         }
+        if self._task_states is not None:
+            pub["task_states"] = self._task_states.state_dict()
+        out["pub"] = pub
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, out)
+            if result is not None:
+                out = result
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "optimizer" not in state_dict or "pub" not in state_dict:
+        """Load a :meth:`state_dict` (also one written by pub-optim 0.x, with the optimizer's part
+        under ``"optimizer"``). Refused, with nothing changed, for a plain optimizer's state (load
+        it with ``pub.optimizer.load_state_dict``) and for a checkpoint of another ``state``."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if "pub" in state_dict and "optimizer" in state_dict:  # the 0.x layout
+            inner = state_dict["optimizer"]
+        elif "pub" in state_dict and "state" in state_dict and "param_groups" in state_dict:
+            inner = {key: value for key, value in state_dict.items() if key != "pub"}
+        else:
             raise ValueError(
-                "not a PUB state_dict (expected keys 'optimizer' and 'pub'); to load a plain "
-                "optimizer's state use pub.optimizer.load_state_dict(...)"
+                "not a PUB state_dict (expected 'state', 'param_groups' and 'pub'); to load a "
+                "plain optimizer's state use pub.optimizer.load_state_dict(...)"
             )
         pub = state_dict["pub"]
+        saved_mode = pub.get("state_mode", "shared")
+        if saved_mode != self.state_mode:
+            raise ValueError(
+                f"this checkpoint was written by PUB(state={saved_mode!r}) and this optimizer "
+                f"has state={self.state_mode!r}: its optimizer state does not carry over; build "
+                f"PUB with state={saved_mode!r} to resume it. Nothing was changed."
+            )
+        task_states = pub.get("task_states")
+        if self._task_states is not None:
+            TaskStates.check_loadable(self.optimizer, task_states or [])
         previous = self.balancer.state_dict()
         self.balancer.load_state_dict(pub.get("balancer", {}))
         try:
-            self.optimizer.load_state_dict(state_dict["optimizer"])
+            self.optimizer.load_state_dict(inner)
         except Exception:
             self.balancer.load_state_dict(previous)  # nothing changed
             raise
+        if self._task_states is not None:
+            self._task_states.load_state_dict(task_states or [])
         self._step_count = int(pub["step"])
         names = pub.get("task_names")
         self._task_names = None if names is None else tuple(names)
         weights = pub.get("weights")
         self._weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
         self._pending = None
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # ------------------------------------------------------------------------------- backward
     def backward(self, losses: TaskLosses, *, retain_graph: bool = False) -> None:
@@ -675,7 +759,7 @@ class PUB(torch.optim.Optimizer):
             return
         self._check_contiguous(params + nonshared if self.sync_free else params)
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        contexts = [self._transform.begin(p, group_of[id(p)]) for p in params]
+        contexts = self._contexts(params, group_of, num_tasks)
         engine = self._engine
         assert engine is not None
         if self.sync_free:
@@ -688,20 +772,39 @@ class PUB(torch.optim.Optimizer):
         if items is None and self._task_rows is not None:  # eager after all: it reads buffers
             self._stack_rows()
             task_grads = self._step_task_grads(active)
-        gram: Tensor | None = None
+        grams: StepGrams | None = None
         if solve:
-            gram = engine.gram(contexts, task_grads, num_tasks, items)
-        if gram is not None:
-            self._raise_if_nonfinite(gram)
-            weights = self.balancer(gram)
+            grams = engine.gram(contexts, task_grads, num_tasks, items)
+            self._raise_if_nonfinite(grams.balanced)
+            weights = self.balancer(grams.balanced)
         else:
             assert self._weights is not None
             weights = self._weights
         self._check_finite_grads(nonshared)
-        engine.apply(contexts, task_grads, weights, items)
+        engine.apply(contexts, task_grads, weights, items, self._drift_weight(weights))
         self._step_nonshared(nonshared)
         self._weights = weights
-        self._finish_step(solved=solve, gram=gram)
+        self._finish_step(solved=solve, grams=grams)
+
+    def _contexts(
+        self, params: list[Tensor], group_of: dict[int, dict[str, Any]], num_tasks: int
+    ) -> list[list[ParamContext]]:
+        """Per shared parameter, the transform's context on the shared state, or one per task on
+        the task's own state (``state="per_task"``)."""
+        assert self._transform is not None
+        if self._task_states is None:
+            return [[self._transform.begin(p, group_of[id(p)])] for p in params]
+        stores = self._task_states.ensure(num_tasks, params)
+        return [
+            [self._transform.begin(p, group_of[id(p)], store) for store in stores] for p in params
+        ]
+
+    def _drift_weight(self, weights: Tensor) -> float | Tensor:
+        """The extra weight of the drift ``d_0`` in the applied update (the marginal space with
+        weights that do not sum to one)."""
+        if self.space != "marginal":
+            return 0.0
+        return drift_weight(weights, self.balancer.normalization == "sum")
 
     def _step_task_grads(self, active: list[int]) -> TaskGrads:
         """The active parameters' per-task gradients: the kept tensors (zeros for a task that did
@@ -829,7 +932,7 @@ class PUB(torch.optim.Optimizer):
 
     def _sync_free_step(
         self,
-        contexts: list[ParamContext],
+        contexts: list[list[ParamContext]],
         task_grads: list[Tensor],
         nonshared: list[Tensor],
         group_of: dict[int, dict[str, Any]],
@@ -852,24 +955,24 @@ class PUB(torch.optim.Optimizer):
             previous = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64, device=device)
         elif previous.device != device:  # loaded by load_state_dict: copied once
             previous = previous.to(device)
-        gram: Tensor | None = None
+        grams: StepGrams | None = None
         weights = previous
         if solve:
-            gram = engine.gram(contexts, TaskGrads(task_grads), num_tasks)
-            solved, valid = self.balancer.device_weights(gram)
+            grams = engine.gram(contexts, TaskGrads(task_grads), num_tasks)
+            solved, valid = self.balancer.device_weights(grams.balanced)
             ok = ok & valid
             weights = torch.where(ok, solved, previous)
-        engine.apply_eager(contexts, task_grads, weights, keep=ok)
+        engine.apply_eager(contexts, task_grads, weights, ok, self._drift_weight(weights))
         if nonshared:
             assert self._transform is not None
-            own = [self._transform.begin(p, group_of[id(p)]) for p in nonshared]
+            own = [[self._transform.begin(p, group_of[id(p)])] for p in nonshared]
             grads = [p.grad.unsqueeze(0) for p in nonshared]  # type: ignore[union-attr]
             one = torch.ones(1, dtype=torch.float64, device=device)
             engine.apply_eager(own, grads, one, keep=ok)  # one task: either space is the plain step
         self._weights = weights
         self.last_step_skipped = ~ok
         self._losses_finite = None
-        self._finish_step(solved=solve, gram=gram)
+        self._finish_step(solved=solve, grams=grams)
 
     def _shared_device(self) -> torch.device:
         assert self._shared is not None
@@ -878,37 +981,59 @@ class PUB(torch.optim.Optimizer):
     def _combined_step(
         self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool
     ) -> None:
-        """The step that hands the combined gradient ``sum_k alpha_k g_k`` to the wrapped
-        optimizer's own ``step()`` (one call, task-specific parameters included): the generic path
-        (update space: the snapshot look-ahead, then the shared parameters set to the weighted
-        update), and ``space="gradient"`` on every path but ``sync_free`` (the balanced gradient
-        is an ordinary gradient: exactly the optimizer's step on it, any optimizer)."""
+        """The step that goes through the wrapped optimizer's own ``step()``: the generic path
+        (update and marginal spaces: the snapshot look-ahead, then the shared parameters set to
+        the weighted update; the state advanced by one real step on ``g*``, or, per task, each
+        task's state taken from its own look-ahead step), and ``space="gradient"`` on every path
+        but ``sync_free`` (the balanced gradient is an ordinary gradient: exactly the optimizer's
+        step on it, any optimizer, task-specific parameters included)."""
         k = len(self._task_names or ())
-        look = GenericLookahead(self.optimizer, params) if self.space == "update" else None
-        updates = None if look is None else look.updates(task_grads)
-        gram: Tensor | None = None
+        look = GenericLookahead(self.optimizer, params) if self.space != "gradient" else None
+        stores = None
+        if look is not None and self._task_states is not None:
+            stores = self._task_states.ensure(k, params)
+        updates: list[Tensor] | None = None
+        drifts: list[Tensor] | None = None
+        new_states = None
+        if look is not None:
+            updates, new_states = look.updates(task_grads, stores)
+            if self.space == "marginal" or self.diagnostics:
+                zeros = [
+                    torch.zeros_like(g[:1]).expand_as(g if stores else g[:1]) for g in task_grads
+                ]
+                drifts, _ = look.updates(zeros, stores)
+        grams: StepGrams | None = None
         if solve:
-            device = task_grads[0].device if task_grads else torch.device("cpu")
-            gram = torch.zeros((k, k), dtype=torch.float64, device=device)
-            for v in task_grads if updates is None else updates:
-                flat = v.reshape(k, -1)
-                gram.add_(torch.mm(flat, flat.T))
-            self._raise_if_nonfinite(gram)
-            weights = self.balancer(gram)
+            grams = _generic_grams(self.space, task_grads, updates, drifts, self.diagnostics)
+            self._raise_if_nonfinite(grams.balanced)
+            weights = self.balancer(grams.balanced)
         else:
             assert self._weights is not None
             weights = self._weights
         self._check_finite_grads(nonshared)
-        # Combined in place (the per-task values are not read again): no copy of the parameters.
-        combined = [_combine_into_first_row(g, weights) for g in task_grads]
-        if look is not None:
+        extra = self._drift_weight(weights)
+        if look is None:
+            # Combined in place (the per-task values are not read again): no copy.
+            self._step_with(params, [_combine_into_first_row(g, weights) for g in task_grads])
+        else:
             assert updates is not None
             applied = [_combine_into_first_row(u, weights) for u in updates]
-            look.commit(combined, applied)  # also steps the task-specific parameters
-        else:
-            self._step_with(params, combined)
+            if drifts is not None and not (isinstance(extra, float) and extra == 0.0):
+                share = weights / weights.sum()  # per task: the weighted mean of their drifts
+                for u, d0 in zip(applied, drifts, strict=True):
+                    mix = d0[0] if d0.shape[0] == 1 else torch.tensordot(share.to(d0), d0, 1)
+                    u.add_(mix * extra)
+            if new_states is None:
+                combined = [_combine_into_first_row(g, weights) for g in task_grads]
+                look.commit(combined, applied)  # also steps the task-specific parameters
+            else:
+                assert self._task_states is not None
+                look.set_parameters(applied)
+                for store, states in zip(self._task_states.stores, new_states, strict=True):
+                    store.update(states)
+                self._step_nonshared(nonshared)
         self._weights = weights
-        self._finish_step(solved=solve, gram=gram)
+        self._finish_step(solved=solve, grams=grams)
 
     def _step_with(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """The wrapped optimizer's own step with ``grads`` as the gradients of ``params`` (the
@@ -960,25 +1085,23 @@ class PUB(torch.optim.Optimizer):
                 "nothing was changed"
             )
 
-    def _finish_step(self, solved: bool, gram: Tensor | None = None) -> None:
+    def _finish_step(self, solved: bool, grams: StepGrams | None = None) -> None:
         self._step_count += 1
         self._pending = None
         self._task_rows = None
         assert self._task_names is not None
-        if gram is not None and self._weights is not None:
-            self.last_stats = BalanceStats.from_gram(
-                gram, self._weights, solved, self._step_count, self._task_names
+        if grams is not None and self._weights is not None:
+            self.last_stats = BalanceStats.from_grams(
+                grams,
+                self._weights,
+                solved,
+                self._step_count,
+                self._task_names,
+                diagnostics=self.diagnostics or self.space == "marginal",
             )
         elif self.last_stats is not None:
-            previous = self.last_stats
-            self.last_stats = BalanceStats(
-                previous.weights,
-                previous.update_norms,
-                previous.cosines,
-                previous.gram,
-                False,
-                self._step_count,
-                previous.task_names,
+            self.last_stats = dataclasses.replace(
+                self.last_stats, solved=False, step=self._step_count
             )
 
     @property
@@ -998,6 +1121,72 @@ _NONFINITE_SHARED = (
     "non-finite per-task gradients or updates on the shared parameters: the step was skipped and "
     "nothing was changed (lower the learning rate, clip, or use a GradScaler)"
 )
+
+
+def _check_per_task(
+    space: Space,
+    sync_free: bool,
+    fused: bool | None,
+    solve_every: int,
+    between_solves: BetweenSolves,
+) -> None:
+    """Refuse, before anything is built, what ``state="per_task"`` does not support."""
+    if space == "gradient":
+        raise ValueError(
+            "state='per_task' needs space='update' or 'marginal': space='gradient' takes one "
+            "ordinary optimizer step on the balanced gradient, with one state"
+        )
+    if sync_free:
+        raise ValueError(
+            "state='per_task' is not supported with sync_free=True; use state='shared'"
+        )
+    if fused:
+        raise ValueError(
+            "state='per_task' runs the eager elementwise path (the compiled Adam kernels read one "
+            "state per parameter); pass fused=None or fused=False"
+        )
+    if solve_every > 1 and between_solves == "weighted_gradient":
+        raise ValueError(
+            "state='per_task' with solve_every > 1 needs between_solves='reuse_weights': the "
+            "weighted backward steps one state on sum_k alpha_k g_k"
+        )
+
+
+def _generic_grams(
+    space: Space,
+    task_grads: list[Tensor],
+    updates: list[Tensor] | None,
+    drifts: list[Tensor] | None,
+    diagnostics: bool,
+) -> StepGrams:
+    """The Gram matrices of the combined step's vectors (float32 products, float64 sums)."""
+    k = task_grads[0].shape[0] if task_grads else 0
+    device = task_grads[0].device if task_grads else torch.device("cpu")
+
+    def gram_of(vectors: Sequence[Tensor]) -> Tensor:
+        gram = torch.zeros((k, k), dtype=torch.float64, device=device)
+        for v in vectors:
+            flat = v.reshape(k, -1)
+            gram.add_(torch.mm(flat, flat.T))
+        return gram
+
+    out = StepGrams(space=space)
+    if space == "gradient" or diagnostics:
+        out.gradient = gram_of(task_grads)
+    if updates is None:
+        return out
+    if space == "update" or diagnostics:
+        out.lookahead = gram_of(updates)
+    if drifts is not None:
+        out.marginal = gram_of([u - d0 for u, d0 in zip(updates, drifts, strict=True)])
+        dots = torch.zeros(k, dtype=torch.float64, device=device)
+        sq = torch.zeros(k, dtype=torch.float64, device=device)
+        for u, d0 in zip(updates, drifts, strict=True):
+            flat_d0 = d0.reshape(d0.shape[0], -1)
+            dots.add_((u.reshape(k, -1) * flat_d0).sum(1, dtype=torch.float64))
+            sq.add_((flat_d0 * flat_d0).sum(1, dtype=torch.float64).expand(k))
+        out.drift_dots, out.drift_sq = dots, sq
+    return out
 
 
 def split_task_losses(losses: object) -> tuple[tuple[str, ...], list[Any]] | None:

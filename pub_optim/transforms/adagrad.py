@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import ParamContext, UpdateTransform, flat, scalar, signed
+from .base import ParamContext, StateStore, UpdateTransform, flat, scalar, signed
 
 
 class AdagradTransform(UpdateTransform):
@@ -17,8 +17,8 @@ class AdagradTransform(UpdateTransform):
     Adagrad creates its state in its constructor, so there is never new state to insert.
     """
 
-    def begin(self, param: Tensor, group: dict[str, Any]) -> ParamContext:
-        state = self.optimizer.state[param]
+    def _begin(self, param: Tensor, group: dict[str, Any], store: StateStore) -> ParamContext:
+        state = store[param]
         ctx = ParamContext(param, group, state, new_state=False)
         ctx.flat = {"param": flat(param), "sum": flat(state["sum"])}
         step = scalar(state["step"]) + 1.0
@@ -45,10 +45,9 @@ class AdagradTransform(UpdateTransform):
         torch.div(e, std, out=out)
         out.mul_(-ctx.scalars["clr"])
 
-    def commit(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor, update: Tensor) -> None:
+    def advance(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor) -> None:
         e = self._effective(ctx, lo, hi, grad)
         ctx.view("sum", lo, hi).addcmul_(e, e, value=1.0)
-        ctx.view("param", lo, hi).add_(update)
 
     def finish(self, ctx: ParamContext) -> None:
         ctx.state["step"] += 1

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .base import ParamContext, UpdateTransform, flat, scalar, signed
+from .base import ParamContext, StateStore, UpdateTransform, flat, scalar, signed
 from .fused import AdamOperands
 
 
@@ -36,8 +36,8 @@ class AdamTransform(UpdateTransform):
     ``1 - lr*wd`` once, in ``commit``.
     """
 
-    def begin(self, param: Tensor, group: dict[str, Any]) -> ParamContext:
-        state = self.optimizer.state.get(param, {})
+    def _begin(self, param: Tensor, group: dict[str, Any], store: StateStore) -> ParamContext:
+        state = store.get(param, {})
         new = len(state) == 0
         if new:
             on_device = group.get("capturable", False) or group.get("fused", False)
@@ -99,7 +99,7 @@ class AdamTransform(UpdateTransform):
         denom.sqrt_().add_(s["eps"] * c)
         out.div_(denom)
 
-    def commit(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor, update: Tensor) -> None:
+    def advance(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor) -> None:
         s = ctx.scalars
         g = self._effective(ctx, lo, hi, grad)
         v = ctx.view("v", lo, hi)
@@ -108,6 +108,9 @@ class AdamTransform(UpdateTransform):
         if "vmax" in ctx.flat:
             vmax = ctx.view("vmax", lo, hi)
             torch.maximum(vmax, v, out=vmax)
+
+    def apply_update(self, ctx: ParamContext, lo: int, hi: int, update: Tensor) -> None:
+        s = ctx.scalars
         theta = ctx.view("param", lo, hi)
         if s["decoupled"] and s["wd"] != 0.0:
             theta.mul_(1.0 - s["lr"] * s["wd"])

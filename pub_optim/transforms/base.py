@@ -15,12 +15,19 @@ its state, column chunk by column chunk, so that the ``K x chunk`` temporaries s
   gradients (``d_k`` includes the learning rate and the sign; it excludes decoupled weight decay,
   which does not depend on the gradient and is applied exactly once by ``commit``);
 * :meth:`UpdateTransform.commit` advances the state with ``g*`` and applies ``update`` (and the
-  decoupled weight decay) to the parameter, on the same chunk.
+  decoupled weight decay) to the parameter, on the same chunk: :meth:`UpdateTransform.advance`
+  (the state) then :meth:`UpdateTransform.apply_update` (the parameter). With one state per task
+  (``PUB(state="per_task")``) each task's state advances with its own gradient and the parameter
+  is updated once.
+
+The state a transform reads lives in a *store* (a ``{param: state dict}`` mapping): the wrapped
+optimizer's ``state`` by default, or one task's own store.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +40,10 @@ def scalar(value: Any) -> float:
     if isinstance(value, Tensor):
         return float(value.item())
     return float(value)
+
+
+#: ``{param: state dict}``, as ``torch.optim.Optimizer.state``.
+StateStore = MutableMapping[Tensor, dict[str, Any]]
 
 
 @dataclass
@@ -49,6 +60,8 @@ class ParamContext:
     new_state: bool
     flat: dict[str, Tensor] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
+    #: Where new state is inserted by :meth:`UpdateTransform.finish` (``None``: the optimizer's).
+    store: StateStore | None = None
 
     def view(self, name: str, lo: int, hi: int) -> Tensor:
         return self.flat[name][lo:hi]
@@ -70,22 +83,43 @@ class UpdateTransform(ABC):
         if isinstance(group.get("lr"), Tensor) and group["lr"].requires_grad:
             raise ValueError("a learning rate that requires grad is not supported")
 
+    def begin(
+        self, param: Tensor, group: dict[str, Any], store: StateStore | None = None
+    ) -> ParamContext:
+        """Read hyper-parameters and state for this step from ``store`` (default: the wrapped
+        optimizer's state); create missing state off to the side."""
+        ctx = self._begin(param, group, self.optimizer.state if store is None else store)
+        ctx.store = store
+        return ctx
+
     @abstractmethod
-    def begin(self, param: Tensor, group: dict[str, Any]) -> ParamContext:
-        """Read hyper-parameters and state for this step; create missing state off to the side."""
+    def _begin(self, param: Tensor, group: dict[str, Any], store: StateStore) -> ParamContext:
+        """:meth:`begin` with the store resolved."""
 
     @abstractmethod
     def lookahead(self, ctx: ParamContext, lo: int, hi: int, grads: Tensor, out: Tensor) -> None:
         """Write the per-task updates of columns ``lo:hi`` (``grads``/``out``: ``[K, hi - lo]``)."""
 
-    @abstractmethod
     def commit(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor, update: Tensor) -> None:
         """Advance the state of columns ``lo:hi`` with ``grad`` and apply ``update`` there."""
+        self.advance(ctx, lo, hi, grad)
+        self.apply_update(ctx, lo, hi, update)
+
+    @abstractmethod
+    def advance(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor) -> None:
+        """Advance the state of columns ``lo:hi`` with ``grad`` (``[hi - lo]``); reads the
+        parameter (L2 weight decay) but does not change it."""
+
+    def apply_update(self, ctx: ParamContext, lo: int, hi: int, update: Tensor) -> None:
+        """Apply ``update`` (and decoupled weight decay, where the optimizer has it) to columns
+        ``lo:hi`` of the parameter."""
+        ctx.view("param", lo, hi).add_(update)
 
     def finish(self, ctx: ParamContext) -> None:
         """After every chunk is committed: insert new state, advance step counters."""
         if ctx.new_state:
-            self.optimizer.state[ctx.param].update(ctx.state)
+            store = self.optimizer.state if ctx.store is None else ctx.store
+            store.setdefault(ctx.param, {}).update(ctx.state)
 
 
 def flat(tensor: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .base import ParamContext, UpdateTransform, flat, scalar, signed
+from .base import ParamContext, StateStore, UpdateTransform, flat, scalar, signed
 
 
 class RMSpropTransform(UpdateTransform):
@@ -19,8 +19,8 @@ class RMSpropTransform(UpdateTransform):
     ``b_k = mu b + e_k / avg_k`` and ``d_k = -lr b_k``, else ``d_k = -lr e_k / avg_k``.
     """
 
-    def begin(self, param: Tensor, group: dict[str, Any]) -> ParamContext:
-        state = self.optimizer.state.get(param, {})
+    def _begin(self, param: Tensor, group: dict[str, Any], store: StateStore) -> ParamContext:
+        state = store.get(param, {})
         new = len(state) == 0
         if new:
             zeros = lambda: torch.zeros_like(param, memory_format=torch.preserve_format)  # noqa: E731
@@ -69,7 +69,7 @@ class RMSpropTransform(UpdateTransform):
             out.add_(ctx.view("buf", lo, hi), alpha=s["momentum"])
         out.mul_(-s["lr"])
 
-    def commit(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor, update: Tensor) -> None:
+    def advance(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor) -> None:
         s = ctx.scalars
         a = s["alpha"]
         e = self._effective(ctx, lo, hi, grad)
@@ -85,7 +85,6 @@ class RMSpropTransform(UpdateTransform):
             ctx.view("buf", lo, hi).mul_(s["momentum"]).addcdiv_(e, avg)
         elif "gavg" in ctx.flat:
             ctx.view("gavg", lo, hi).lerp_(e, 1.0 - a)
-        ctx.view("param", lo, hi).add_(update)
 
     def finish(self, ctx: ParamContext) -> None:
         super().finish(ctx)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import ParamContext, UpdateTransform, flat, scalar, signed
+from .base import ParamContext, StateStore, UpdateTransform, flat, scalar, signed
 
 
 class SGDTransform(UpdateTransform):
@@ -19,8 +19,8 @@ class SGDTransform(UpdateTransform):
     ``d_k = -lr * e_k``.
     """
 
-    def begin(self, param: Tensor, group: dict[str, Any]) -> ParamContext:
-        state = self.optimizer.state.get(param, {})
+    def _begin(self, param: Tensor, group: dict[str, Any], store: StateStore) -> ParamContext:
+        state = store.get(param, {})
         momentum = float(group["momentum"])
         buf = state.get("momentum_buffer")
         ctx = ParamContext(param, group, dict(state), new_state=momentum != 0.0 and buf is None)
@@ -63,7 +63,7 @@ class SGDTransform(UpdateTransform):
     def lookahead(self, ctx: ParamContext, lo: int, hi: int, grads: Tensor, out: Tensor) -> None:
         self._direction(ctx, lo, hi, self._effective(ctx, lo, hi, grads), out)
 
-    def commit(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor, update: Tensor) -> None:
+    def advance(self, ctx: ParamContext, lo: int, hi: int, grad: Tensor) -> None:
         s = ctx.scalars
         if s["momentum"] != 0.0:
             e = self._effective(ctx, lo, hi, grad)
@@ -72,4 +72,3 @@ class SGDTransform(UpdateTransform):
                 buf.copy_(e)
             else:
                 buf.mul_(s["momentum"]).add_(e, alpha=1.0 - s["dampening"])
-        ctx.view("param", lo, hi).add_(update)

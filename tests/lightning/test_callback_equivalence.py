@@ -117,5 +117,6 @@ def test_16_mixed_skipped_step_leaves_everything_untouched() -> None:
         "task_names": ["t0", "t1"],
         "weights": None,
         "balancer": {},
+        "state_mode": "shared",
     }
     assert pub.last_stats is None

@@ -97,3 +97,28 @@ def test_own_schedule_logs_each_value_once_under_its_own_step(
         logged = [float(row["pub/weight/t0"]), float(row["pub/weight/t1"])]
         np.testing.assert_allclose(logged, record.by_step[int(row["step"])], rtol=1e-6)
     assert set(tr.progress_bar_metrics) >= {"pub/weight/t0", "pub/weight/t1"}
+
+
+@pytest.mark.parametrize(("state", "space"), [("shared", "marginal"), ("per_task", "update")])
+def test_the_callback_takes_state_space_and_logs_the_diagnostics(
+    tmp_path: Path, state: str, space: str
+) -> None:
+    cb = UpdateBalancing(state=state, space=space, diagnostics=True)  # type: ignore[arg-type]
+    tr = trainer(max_steps=4, callbacks=[cb], logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    tr.fit(MultiTask(), loader())
+    assert cb.optimizer is not None
+    assert (cb.optimizer.state_mode, cb.optimizer.space) == (state, space)
+    assert cb.optimizer.diagnostics
+    rows = [r for r in _rows(tmp_path) if r.get("pub/weight/t0")]
+    expected = {
+        "pub/weights_from_equal",
+        "pub/drift_cosine/t0",
+        "pub/attributable/t1",
+        "pub/gradient_norm/t0",
+        "pub/gradient_cosine/t0~t1",
+    }
+    assert expected <= set(rows[-1])
+    assert cb.optimizer.last_stats is not None
+    stats = cb.optimizer.last_stats.as_dict()
+    for key in expected:
+        assert float(rows[-1][key]) == pytest.approx(stats[key], rel=1e-6, abs=1e-7)
