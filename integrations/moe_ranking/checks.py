@@ -96,3 +96,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Every check of the parsed options that needs neither data nor training."""
     _check_numbers(args)
     _check_routing(args.model, model_options(args))
+    if getattr(args, "out", None) is not None:
+        from .outputs import refuse_unsafe
+
+        refuse_unsafe(args.out)

@@ -37,6 +37,7 @@ BALANCER_CHOICES = (
     "nash-mtl",
 )
 DEMO_BALANCERS = ("equal", "pareto")
+DEMO_OUT = Path("outputs/demo")
 #: The main job's settings (``demo``): small enough for 5 minutes on 2 CPU cores, both runs.
 DEMO_DEFAULTS: dict[str, Any] = {
     "model": "mmoe",
@@ -143,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(demo, DEMO_DEFAULTS)
     demo.add_argument(
-        "--out", type=Path, default=Path("outputs/demo"), help="output folder (replaced)"
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default {DEMO_OUT}, replaced on re-runs; an explicit folder that "
+        "is not empty needs --overwrite)",
     )
     return parser
 
@@ -245,7 +250,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         Path("outputs") / f"{args.data}-{args.model}{suffix}-{args.balancer}-seed{args.seed}"
     )
     out = args.out if args.out is not None else default_out
-    overwrite = args.overwrite or args.out is None
+    overwrite, replace_own = args.overwrite, args.out is None
     config = TrainConfig(
         data=args.data,
         model=args.model,
@@ -267,11 +272,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     # Everything that can be checked without training is checked before any training.
     config.validate()
     make_balancer_callback(config.balancer)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, replace_own)
     data = load_data(args.data, **_data_options(args))
     print(data.describe())
     result = run_training(config, data, progress=_progress(args))
-    with atomic_output_dir(out, overwrite=overwrite) as folder:
+    with atomic_output_dir(out, overwrite, replace_own) as folder:
         title = f"{data.name}, {args.model}{suffix}, {args.balancer}, seed {args.seed}"
         write_run(folder, result, title)
     print(f"\n{data.name} / {args.model}{suffix} / {args.balancer}: test metrics "
@@ -297,7 +302,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     for balancer in DEMO_BALANCERS:
         make_balancer_callback(balancer)
-    check_output_dir(args.out, overwrite=True)
+    out = args.out if args.out is not None else DEMO_OUT
+    replace_own = args.out is None
+    check_output_dir(out, args.overwrite, replace_own)
     data = load_adult()
     print(data.describe())
     options = _model_options(args)
@@ -326,7 +333,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
     table = format_table(results, "auc")
     logloss = format_table(results, "logloss")
-    with atomic_output_dir(args.out, overwrite=True) as folder:
+    with atomic_output_dir(out, args.overwrite, replace_own) as folder:
         for balancer, result in results.items():
             (folder / balancer).mkdir()
             write_run(folder / balancer, result, f"adult, {args.model}, {balancer}")
@@ -343,7 +350,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(table)
     print("\ntest log loss")
     print(logloss)
-    print(f"\nmain job wall time: {wall:.0f} s; wrote {args.out}/")
+    print(f"\nmain job wall time: {wall:.0f} s; wrote {out}/")
     return 0
 
 

@@ -17,6 +17,7 @@ import torch
 from integrations.moe_ranking.cli import format_table, main
 from integrations.moe_ranking.data._files import widedeep_data_dir
 from integrations.moe_ranking.data.aliexpress import CATEGORICAL, NUMERIC
+from integrations.moe_ranking.outputs import MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_WIDEDEEP = widedeep_data_dir() is not None
@@ -149,7 +150,7 @@ def test_fit_writes_metrics_and_plot(tmp_path: Path, capsys, model: str, extra: 
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
-        "history.csv", "metrics.json", "plot.png", "task_weights.csv"
+        MARKER, "history.csv", "metrics.json", "plot.png", "task_weights.csv"
     ]  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["model"] == model
