@@ -51,13 +51,18 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
     error."""
     options: dict[str, Any] = {}
     if args.experts is not None:
-        if args.model not in ("mmoe", "sparse-moe"):
-            raise ConfigError("--experts applies to --model mmoe or sparse-moe")
+        if args.model not in ("mmoe", "sparse-moe", "grec"):
+            raise ConfigError("--experts applies to --model mmoe, sparse-moe or grec")
         options["num_experts"] = args.experts
     if args.top_k is not None:
-        if args.model != "sparse-moe":
-            raise ConfigError("--top-k applies to --model sparse-moe")
+        if args.model not in ("sparse-moe", "grec"):
+            raise ConfigError("--top-k applies to --model sparse-moe or grec")
         options["top_k"] = args.top_k
+    for flag in ("routing", "capacity_factor", "router_jitter"):
+        if getattr(args, flag, None) is not None:
+            if args.model != "grec":
+                raise ConfigError(f"{_flag(flag)} applies to --model grec, not {args.model}")
+            options[flag] = getattr(args, flag)
     for flag, key in (("levels", "num_levels"), ("shared_experts", "num_shared")):
         if getattr(args, flag) is not None:
             if args.model != "ple":

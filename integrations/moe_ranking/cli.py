@@ -26,6 +26,7 @@ from .checks import check_args
 from .data import DATASETS
 from .errors import ConfigError, UserError
 from .models import MODELS
+from .models.grec import ROUTINGS as GREC_ROUTINGS
 
 BALANCER_CHOICES = (
     "equal",
@@ -62,6 +63,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _finite_positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     p.add_argument("--model", choices=MODELS, default=defaults.get("model", "mmoe"))
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
@@ -76,8 +91,31 @@ def _add_common(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
         help="early stopping: epochs without a better mean validation AUC",
     )
     p.add_argument("--embed-dim", type=_positive_int, default=8)
-    p.add_argument("--experts", type=_positive_int, default=None, help="experts (MMoE, sparse MoE)")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="experts per token (sparse)")
+    p.add_argument(
+        "--experts", type=_positive_int, default=None, help="experts (MMoE, sparse MoE, GRec)"
+    )
+    p.add_argument(
+        "--top-k", type=_positive_int, default=None, help="experts per token (sparse MoE, GRec)"
+    )
+    p.add_argument(
+        "--routing",
+        choices=GREC_ROUTINGS,
+        default=None,
+        help="GRec: route every token, each task sentence, or on the task token alone (default "
+        "task: a task's experts are then fixed, serving one task runs only those)",
+    )
+    p.add_argument(
+        "--capacity-factor",
+        type=_finite_positive_float,
+        default=None,
+        help="GRec: expert capacity factor, units beyond capacity are dropped (default dropless)",
+    )
+    p.add_argument(
+        "--router-jitter",
+        type=_unit_interval,
+        default=None,
+        help="GRec: multiplicative router jitter eps in [0, 1) while training (default 0, off)",
+    )
     p.add_argument("--levels", type=_positive_int, default=None, help="CGC levels (PLE)")
     p.add_argument("--shared-experts", type=_positive_int, default=None, help="PLE shared experts")
     p.add_argument("--task-experts", type=_positive_int, default=None, help="PLE experts per task")
@@ -200,9 +238,11 @@ def environment() -> dict[str, str]:
 
 
 def write_run(folder: Path, result: Any, title: str) -> None:
-    """metrics.json, history.csv (per epoch), task_weights.csv (per step) and plot.png."""
+    """metrics.json, history.csv (per epoch), task_weights.csv (per step), plot.png and, for MoE
+    models that route per task, experts.png (routing share per task and expert, last epoch)."""
+    from .metrics import task_shares
     from .outputs import write_csv, write_json
-    from .plots import plot_runs
+    from .plots import plot_expert_load, plot_runs
 
     payload = result.to_json()
     payload["environment"] = environment()
@@ -210,6 +250,8 @@ def write_run(folder: Path, result: Any, title: str) -> None:
     write_csv(folder / "history.csv", result.history)
     write_csv(folder / "task_weights.csv", result.weights)
     plot_runs({result.config.balancer: result}, folder / "plot.png", title=title)
+    if task_shares(result.expert_load):
+        plot_expert_load(result.expert_load, folder / "experts.png", title=f"{title}: expert load")
 
 
 def format_table(results: dict[str, Any], metric: str = "auc") -> str:
@@ -285,7 +327,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if result.expert_load:
         dead = {k: int(v) for k, v in result.expert_load.items() if k.endswith("/dead")}
         print(f"expert load (last epoch): dead experts {dead}")
-    print(f"wrote {out}/ (metrics.json, history.csv, task_weights.csv, plot.png)")
+    files = "metrics.json, history.csv, task_weights.csv, plot.png"
+    files += ", experts.png" if (out / "experts.png").exists() else ""
+    print(f"wrote {out}/ ({files})")
     return 0
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
+
+from .models.base import TASK_GROUP_SEP
 
 
 class TaskMetrics(nn.Module):
@@ -56,10 +58,12 @@ class ExpertLoad:
     """Accumulate per-expert routing mass over batches and summarise it.
 
     ``update`` takes a model's ``expert_usage()`` (a vector of routing mass per expert for each
-    group of experts). ``compute`` gives, per group, each expert's share of the mass, the largest
-    share and the number of *dead* experts: experts whose share is below ``dead_fraction / E``
-    (below a tenth of a uniform share by default; for the sparse MoE an expert that is never picked
-    has share 0).
+    group of experts; ``<group>@<task>`` for one task's mass). ``compute`` gives, per group, each
+    expert's share of the mass, the largest share, the number of *dead* experts: experts whose
+    share is below ``dead_fraction / E`` (below a tenth of a uniform share by default; for the
+    sparse MoE an expert that is never picked has share 0), and the routing entropy
+    ``-sum_e share_e ln share_e`` in nats (``ln E`` for a uniform load, 0 when one expert takes
+    everything).
     """
 
     def __init__(self, dead_fraction: float = 0.1) -> None:
@@ -84,4 +88,24 @@ class ExpertLoad:
                 out[f"experts/{group}/share_{i}"] = s
             out[f"experts/{group}/max_share"] = float(share.max())
             out[f"experts/{group}/dead"] = float((share < self.dead_fraction / n).sum())
+            terms = torch.where(share > 0, -share * torch.log(share), torch.zeros_like(share))
+            out[f"experts/{group}/entropy"] = float(terms.sum()) if total > 0 else math.nan
         return out
+
+
+def task_shares(expert_load: Mapping[str, float]) -> dict[str, dict[str, list[float]]]:
+    """Per group, per task, the experts' shares: ``{group: {task: [share_0, ...]}}``, read from
+    :meth:`ExpertLoad.compute`'s ``experts/<group>@<task>/share_<i>`` entries."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for key, value in expert_load.items():
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != "experts" or not parts[2].startswith("share_"):
+            continue
+        group, sep, task = parts[1].partition(TASK_GROUP_SEP)
+        if not sep:
+            continue
+        out.setdefault(group, {}).setdefault(task, {})[int(parts[2][len("share_") :])] = value
+    return {
+        g: {t: [shares[i] for i in sorted(shares)] for t, shares in tasks.items()}
+        for g, tasks in out.items()
+    }

@@ -1,4 +1,5 @@
-"""Plots of a run: validation AUC per task over epochs, and the task weights over training steps.
+"""Plots of a run: validation AUC per task over epochs, the task weights over training steps, and
+(for MoE models that route per task) the experts' routing share per task.
 
 matplotlib is imported inside the functions (Agg backend), so importing this module is cheap.
 """
@@ -62,6 +63,48 @@ def plot_runs(runs: Mapping[str, RunResult], path: str | Path, title: str = "") 
     ax_w.set_ylim(0, 1)
     ax_w.legend(fontsize=8)
     ax_w.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(expert_load: Mapping[str, float], path: str | Path, title: str = "") -> Path:
+    """Heatmap of the routing share of each expert (columns) per task (rows), one panel per group
+    of experts, from a run's expert-load statistics (``experts/<group>@<task>/share_<i>``).
+
+    Raises ``ValueError`` when ``expert_load`` holds no per-task shares (dense models, PLE).
+    """
+    from .metrics import task_shares
+
+    groups = task_shares(expert_load)
+    if not groups:
+        raise ValueError("the expert load has no per-task routing shares to plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(1.5 + 4.5 * len(groups), 3.2), constrained_layout=True,
+        squeeze=False,
+    )  # fmt: skip
+    for ax, (group, per_task) in zip(axes[0], groups.items(), strict=True):
+        tasks = list(per_task)
+        shares = np.array([per_task[t] for t in tasks], dtype=float)
+        image = ax.imshow(shares, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(shares.shape[1]))
+        ax.set_yticks(range(len(tasks)), labels=tasks)
+        ax.set_xlabel("expert")
+        ax.set_title(f"{group}: share of each task's routing")
+        for (i, j), value in np.ndenumerate(shares):
+            if np.isfinite(value):
+                colour = "black" if value > 0.5 else "white"
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+        fig.colorbar(image, ax=ax, shrink=0.8)
     if title:
         fig.suptitle(title)
     path = Path(path)

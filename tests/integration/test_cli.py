@@ -119,6 +119,38 @@ def test_esmm_without_funnel_and_misplaced_option(tmp_path: Path, capsys) -> Non
     assert nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--model", "grec", "--routing", "expert"], "invalid choice: 'expert'"),
+        (["--model", "grec", "--capacity-factor", "0"], "must be a finite number > 0"),
+        (["--model", "grec", "--capacity-factor", "inf"], "must be a finite number > 0"),
+        (["--model", "grec", "--capacity-factor", "many"], "--capacity-factor: invalid"),
+        (["--model", "grec", "--router-jitter", "1"], "must be in [0, 1)"),
+        (["--model", "grec", "--router-jitter", "-0.1"], "must be in [0, 1)"),
+        (["--model", "grec", "--top-k", "3", "--experts", "2"], "--top-k 3 exceeds"),
+        (
+            ["--model", "grec", "--top-k", "5"],
+            "exceeds the number of experts (4, the default of --model grec)",
+        ),
+        (["--model", "mmoe", "--routing", "task"], "--routing applies to --model grec"),
+        (["--model", "sparse-moe", "--capacity-factor", "1.5"], "--capacity-factor applies"),
+        (["--model", "ple", "--router-jitter", "0.1"], "--router-jitter applies"),
+    ],
+)
+def test_grec_options_checked_before_loading(
+    tmp_path: Path, capsys, monkeypatch, options: list[str], message: str
+) -> None:
+    def no_loading(*args, **kwargs):
+        raise AssertionError("data loaded before the options were checked")
+
+    monkeypatch.setattr("integrations.moe_ranking.data.load_data", no_loading)
+    argv = ["fit", "--data", "synthetic", *options, "--out", str(tmp_path / "out")]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "error:" in err and message in err, err
+    assert nothing_written(tmp_path)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_gpu_without_cuda(tmp_path: Path, capsys) -> None:
     argv = ["fit", "--data", "synthetic", "--accelerator", "gpu", "--out", str(tmp_path / "out")]
@@ -141,6 +173,23 @@ def test_existing_output_folder_is_kept(tmp_path: Path, capsys) -> None:
     [
         ("sparse-moe", ["--balancer", "equal"]),
         ("ple", ["--balancer", "pareto", "--esmm", "--funnel"]),
+        (
+            "grec",
+            [
+                "--balancer",
+                "equal",
+                "--experts",
+                "3",
+                "--routing",
+                "token",
+                "--top-k",
+                "2",
+                "--capacity-factor",
+                "2",
+                "--router-jitter",
+                "0.01",
+            ],
+        ),
     ],
 )
 def test_fit_writes_metrics_and_plot(tmp_path: Path, capsys, model: str, extra: list[str]) -> None:
@@ -149,17 +198,27 @@ def test_fit_writes_metrics_and_plot(tmp_path: Path, capsys, model: str, extra: 
             "400", "--batch-size", "100", "--out", str(out), "--no-progress", *extra]  # fmt: skip
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
+    # Models that route per task also draw the experts' share per task (not PLE).
+    heatmap = ["experts.png"] if model != "ple" else []
     assert sorted(p.name for p in out.iterdir()) == [
-        MARKER, "history.csv", "metrics.json", "plot.png", "task_weights.csv"
+        MARKER, *heatmap, "history.csv", "metrics.json", "plot.png", "task_weights.csv"
     ]  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["model"] == model
+    if model == "grec":
+        assert metrics["config"]["model_options"] == {
+            "num_experts": 3, "top_k": 2, "routing": "token", "capacity_factor": 2.0,
+            "router_jitter": 0.01,
+        }  # fmt: skip
+        load = metrics["expert_load_last_epoch"]
+        assert {f"experts/grec@{t}/entropy" for t in ("task_a", "task_b")} <= set(load)
     tasks = metrics["task_names"]
     assert tasks == (["ctr", "ctcvr"] if "--esmm" in extra else ["task_a", "task_b"])
     assert set(metrics["test"]) >= {f"test/auc/{t}" for t in tasks} | {"test/mean_auc"}
     assert any(k.endswith("/dead") for k in metrics["expert_load_last_epoch"])
     assert (metrics["balanced_parameters"] > 0) == ("pareto" in extra)
-    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ["plot.png", *heatmap]:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tasks[0] in stdout and "expert load" in stdout
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial folder left behind
 

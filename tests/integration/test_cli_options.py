@@ -45,7 +45,7 @@ BAD_FIT = [
     (["--seed", str(2**32)], "--seed must be an integer from 0"),
     (["--conflict", "nan"], "--conflict must be in [0, 1]"),
     (["--conflict", "1.5"], "--conflict must be in [0, 1]"),
-    (["--model", "ple", "--experts", "3"], "--experts applies to --model mmoe or sparse-moe"),
+    (["--model", "ple", "--experts", "3"], "--experts applies to --model mmoe, sparse-moe or grec"),
 ]
 
 
@@ -86,7 +86,10 @@ def test_fit_refuses_out_of_range_numbers(
     [
         (["--top-k", "9"], "--top-k applies to --model sparse-moe"),
         (["--model", "sparse-moe", "--top-k", "9"], "--top-k 9 exceeds"),
-        (["--model", "ple", "--experts", "3"], "--experts applies to --model mmoe or sparse-moe"),
+        (
+            ["--model", "ple", "--experts", "3"],
+            "--experts applies to --model mmoe, sparse-moe or grec",
+        ),
         (["--model", "mmoe", "--levels", "2"], "--levels applies to --model ple"),
         (["--weight-decay", "nan"], "--weight-decay"),
         (["--seed", "-3"], "--seed"),

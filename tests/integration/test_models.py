@@ -16,6 +16,7 @@ SMALL = {
     "mmoe": {"num_experts": 3, "expert_hidden": (16,), "tower_hidden": (8,)},
     "ple": {"num_levels": 2, "expert_hidden": (16,), "tower_hidden": (8,)},
     "sparse-moe": {"num_experts": 4, "top_k": 2, "d_model": 8, "expert_hidden": (8,)},
+    "grec": {"num_experts": 4, "top_k": 2, "d_model": 8, "expert_hidden": (8,), "routing": "token"},
 }
 
 
@@ -66,6 +67,59 @@ def test_shapes_and_partition(name: str, esmm: bool, synthetic_funnel: MultiTask
         assert value.shape == (64,)
         assert torch.isfinite(value).all()
     assert_partition(model, batch)
+
+
+@pytest.mark.parametrize("routing", ["token", "sentence", "task"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("sequences", [False, True])
+def test_grec_partition_per_routing(
+    routing: str, top_k: int, sequences: bool, synthetic: MultiTaskData
+) -> None:
+    """Whatever the routing, each task's loss reaches exactly the shared parameters and its own
+    (also the behaviour-sequence and text encoders when the batch has history and text)."""
+    torch.manual_seed(0)
+    options = {**SMALL["grec"], "routing": routing, "top_k": top_k}
+    if sequences:
+        options |= {"history_vocab": 7, "history_len": 4, "text_buckets": 5}
+    model = build_model("grec", synthetic, embed_dim=4, **options)
+    batch = synthetic.train.batch(slice(0, 32))
+    if sequences:
+        g = torch.Generator().manual_seed(0)
+        batch |= {
+            "history": torch.randint(0, 7, (32, 4), generator=g),
+            "text": torch.randint(0, 6, (32, 3), generator=g),
+        }
+    assert_partition(model, batch)
+    # For task routing a task's sentences meet only its experts, yet the loss reaches them all
+    # (the unpicked ones on an empty group): only the chosen ones get a non-zero gradient.
+    losses = task_losses(model, batch)
+    grads = torch.autograd.grad(losses["task_a"], list(model.experts.parameters()))
+    if routing == "task":
+        chosen = set(model.task_experts("task_a"))
+        flat = iter(grads)
+        for i, expert in enumerate(model.experts):
+            norm = sum(float(next(flat).abs().sum()) for _ in expert.parameters())
+            assert (norm > 0) == (i in chosen), i
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("esmm", [False, True])
+def test_tasks_argument_restricts_output(name: str, esmm: bool, synthetic_funnel) -> None:
+    """``forward(batch, tasks=[t])`` returns task t only, equal to the full forward's."""
+    torch.manual_seed(0)
+    model = build_model(name, synthetic_funnel, esmm=esmm, embed_dim=4, **SMALL[name])
+    model.eval()
+    batch = synthetic_funnel.train.batch(slice(0, 16))
+    with torch.no_grad():
+        full = model(batch)
+        for t in model.task_names:
+            one = model(batch, tasks=[t])
+            assert set(one) == {t}
+            torch.testing.assert_close(one[t], full[t], rtol=0, atol=0)
+        with pytest.raises(KeyError, match="unknown task"):
+            model(batch, tasks=["nope"])
+        with pytest.raises(ValueError, match="at least one"):
+            model(batch, tasks=[])
 
 
 @pytest.mark.parametrize("levels", [1, 2, 3])

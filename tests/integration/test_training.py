@@ -16,6 +16,7 @@ TINY = {
     "mmoe": {"num_experts": 3, "expert_hidden": (16,), "tower_hidden": (8,)},
     "ple": {"num_levels": 2, "expert_hidden": (16,), "tower_hidden": (8,)},
     "sparse-moe": {"num_experts": 4, "top_k": 2, "d_model": 8, "expert_hidden": (16,)},
+    "grec": {"num_experts": 4, "d_model": 8, "expert_hidden": (16,), "tower_hidden": (8,)},
 }
 
 

@@ -1,5 +1,6 @@
 """Multi-task ranking models sharing one input layer: Shared-Bottom, MMoE, PLE, a GRec-style sparse
-task-routed MoE, and the ESMM option for funnel tasks. ``build_model`` builds one for a dataset."""
+task-routed MoE, GRec itself (task sentences, attention, sparse MoE), and the ESMM option for funnel
+tasks. ``build_model`` builds one for a dataset."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .mmoe import MMoE
 from .ple import PLE
 from .shared_bottom import SharedBottom
 
-MODELS = ("shared-bottom", "mmoe", "ple", "sparse-moe")
+MODELS = ("shared-bottom", "mmoe", "ple", "sparse-moe", "grec")
 
 __all__ = [
     "ESMM",
@@ -43,6 +44,10 @@ def _model_class(name: str) -> type[MultiTaskModel]:
         from .sparse_moe import SparseMoE  # imports the gating package
 
         return SparseMoE
+    if name == "grec":
+        from .grec import GRec  # imports the gating package
+
+        return GRec
     raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
@@ -66,9 +71,16 @@ def build_model(
         numeric_dim: output width of the numeric features' linear projection (default
             ``2 * embed_dim``; the PUB paper's released code uses 128 with embed_dim 128).
         **options: model-specific keyword arguments (``num_experts``, ``top_k``, ``num_levels``...);
-            ``None`` values are dropped.
+            ``None`` values are dropped. For ``grec``, ``history_vocab``, ``history_len`` and
+            ``text_buckets`` default to ``data.info``'s (set by loaders that provide ``history``
+            and ``text``, e.g. MovieLens).
     """
     cls = _model_class(name)
+    if name == "grec":
+        # The behaviour-sequence and text tokens exist when the data provides them.
+        for key in ("history_vocab", "history_len", "text_buckets"):
+            if key in data.info and key not in options:
+                options[key] = data.info[key]
     options = {k: v for k, v in options.items() if v is not None}
     inputs = InputLayer(
         data.cat_cardinalities, len(data.num_names), embed_dim=embed_dim, numeric_dim=numeric_dim
@@ -76,7 +88,7 @@ def build_model(
     if not esmm:
         try:
             return cls(inputs, data.task_names, **options)  # type: ignore[call-arg]
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid option for model {name!r}: {exc}") from exc
     if data.funnel is None:
         raise ConfigError(
@@ -91,6 +103,6 @@ def build_model(
         )
     try:
         backbone = cls(inputs, (ctr, "cvr"), **options)  # type: ignore[call-arg]
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid option for model {name!r}: {exc}") from exc
     return ESMM(backbone, ctr_task=ctr, ctcvr_task=ctcvr, cvr_head="cvr")

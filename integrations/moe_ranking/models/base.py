@@ -3,7 +3,8 @@
 A model is a plain :class:`torch.nn.Module` (no Lightning) with
 
 * ``task_names``: the tasks, in label-column order;
-* ``forward(batch) -> dict[task, logits [B]]``;
+* ``forward(batch, tasks=None) -> dict[task, logits [B]]``; ``tasks`` (a sequence of task names)
+  restricts the output, and the task-specific computation, to those tasks (serving one task);
 * ``shared_parameters()``: the parameters that more than one task's loss reaches (what
   :class:`pub_optim.PUB` balances; passed as ``shared_params=``);
 * ``task_parameters(task)``: the parameters that only ``task``'s loss reaches;
@@ -11,7 +12,8 @@ A model is a plain :class:`torch.nn.Module` (no Lightning) with
   z-loss for the sparse MoE; empty for dense models), added to that task's loss so that the
   per-task losses still sum to the total;
 * ``expert_usage()``: per-expert routing mass of the last forward pass, one vector per group of
-  experts (empty for models without experts).
+  experts (empty for models without experts); models that route per task also give each task's
+  mass as group ``task_group(group, task)`` (``"<group>@<task>"``).
 
 The partition is declared from the architecture (not discovered from autograd); the test suite
 checks it against autograd: each task's loss must reach exactly the shared parameters plus its own.
@@ -25,6 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from ..data.base import Batch
+
+#: Separates a group of experts from a task in ``expert_usage()`` keys: ``"<group>@<task>"``.
+TASK_GROUP_SEP = "@"
+
+
+def task_group(group: str, task: str) -> str:
+    """The ``expert_usage()`` key of ``task``'s routing mass over the experts of ``group``."""
+    return f"{group}{TASK_GROUP_SEP}{task}"
 
 
 def mlp(
@@ -119,7 +129,26 @@ class MultiTaskModel(nn.Module):
         """Per-expert routing mass of the last forward pass, keyed by expert group."""
         return {}
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:  # pragma: no cover - abstract
+    def select_tasks(self, tasks: Sequence[str] | None) -> tuple[str, ...]:
+        """The tasks a forward pass computes: all for ``None``, else ``tasks`` in model order.
+
+        Raises ``KeyError`` for an unknown name and ``ValueError`` for an empty selection.
+        """
+        if tasks is None:
+            return self.task_names
+        if isinstance(tasks, str):
+            raise TypeError(f"tasks must be a sequence of task names, not the string {tasks!r}")
+        unknown = [t for t in tasks if t not in self.task_names]
+        if unknown:
+            raise KeyError(f"unknown task(s) {unknown}; tasks are {self.task_names}")
+        if not tasks:
+            raise ValueError("tasks must name at least one task (or be None for all)")
+        wanted = set(tasks)
+        return tuple(t for t in self.task_names if t in wanted)
+
+    def forward(  # pragma: no cover - abstract
+        self, batch: Batch, tasks: Sequence[str] | None = None
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def num_parameters(self) -> int:

@@ -9,12 +9,14 @@ selection bias of training pCVR on clicked impressions only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.base import Batch
-from .base import MultiTaskModel
+from .base import TASK_GROUP_SEP, MultiTaskModel
 
 
 def product_logit(logit_a: Tensor, logit_b: Tensor) -> Tensor:
@@ -53,12 +55,18 @@ class ESMM(MultiTaskModel):
             return []
         return self.backbone.task_modules(self.cvr_head)
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        out = self.backbone(batch)
-        return {
-            self.ctr_task: out[self.ctr_task],
-            self.ctcvr_task: product_logit(out[self.ctr_task], out[self.cvr_head]),
-        }
+    def forward(self, batch: Batch, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Logits of ``tasks`` (default both); CTCVR needs the backbone's CTR and CVR heads, CTR
+        alone only the CTR head."""
+        selected = self.select_tasks(tasks)
+        heads = [self.ctr_task] if selected == (self.ctr_task,) else None
+        out = self.backbone(batch, tasks=heads)
+        logits = {}
+        if self.ctr_task in selected:
+            logits[self.ctr_task] = out[self.ctr_task]
+        if self.ctcvr_task in selected:
+            logits[self.ctcvr_task] = product_logit(out[self.ctr_task], out[self.cvr_head])
+        return logits
 
     def predict_cvr(self, batch: Batch) -> Tensor:
         """Post-click conversion probability pCVR (not supervised directly)."""
@@ -69,4 +77,9 @@ class ESMM(MultiTaskModel):
         return {names[t]: loss for t, loss in self.backbone.aux_losses().items()}
 
     def expert_usage(self) -> dict[str, Tensor]:
-        return self.backbone.expert_usage()
+        """The backbone's usage; a per-task group of the CVR head is reported as CTCVR's."""
+        suffix = TASK_GROUP_SEP + self.cvr_head
+        return {
+            (k[: -len(suffix)] + TASK_GROUP_SEP + self.ctcvr_task if k.endswith(suffix) else k): v
+            for k, v in self.backbone.expert_usage().items()
+        }

@@ -48,15 +48,24 @@ class InputLayer(nn.Module):
         self.numeric = nn.Linear(num_numeric, numeric_dim) if num_numeric > 0 else None
         self.output_dim = len(self.cardinalities) * embed_dim + (numeric_dim if num_numeric else 0)
 
-    def forward(self, batch: Batch) -> Tensor:
-        parts = []
+    def parts(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
+        """The field embeddings ``[B, F, embed_dim]`` and the projected numeric features
+        ``[B, numeric_dim]`` separately (``None`` where the data has no such feature)."""
+        fields = numeric = None
         if self.embedding is not None:
             cat = batch["cat"]
             if cat.shape[1] != len(self.cardinalities):
                 raise ValueError(
                     f"expected {len(self.cardinalities)} categorical fields, got {cat.shape[1]}"
                 )
-            parts.append(self.embedding(cat + self.offsets).flatten(1))
+            fields = self.embedding(cat + self.offsets)
         if self.numeric is not None:
-            parts.append(self.numeric(batch["num"]))
+            numeric = self.numeric(batch["num"])
+        return fields, numeric
+
+    def forward(self, batch: Batch) -> Tensor:
+        fields, numeric = self.parts(batch)
+        parts = [] if fields is None else [fields.flatten(1)]
+        if numeric is not None:
+            parts.append(numeric)
         return torch.cat(parts, dim=1)

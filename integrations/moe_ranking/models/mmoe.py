@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.base import Batch
-from .base import MultiTaskModel, Tower, mlp, out_dim
+from .base import MultiTaskModel, Tower, mlp, out_dim, task_group
 from .inputs import InputLayer
 
 
@@ -46,7 +46,8 @@ class MMoE(MultiTaskModel):
 
     Partition: input layer + experts are shared; task ``k``'s gate and tower belong to task ``k``.
     ``expert_usage()`` gives the mean gate weight per expert (summed over the task gates, then
-    normalised), i.e. each expert's share of the routing mass.
+    normalised), i.e. each expert's share of the routing mass, and the same per task
+    (``mmoe@<task>``). With ``tasks=`` only those tasks' gates and towers run (the experts always).
     """
 
     def __init__(
@@ -75,15 +76,17 @@ class MMoE(MultiTaskModel):
     def task_modules(self, task: str) -> list[nn.Module | nn.Parameter]:
         return [self.gates[task], self.towers[task]]
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
+    def forward(self, batch: Batch, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         x = self.inputs(batch)
         expert_out = self.experts(x)
         logits, mass = {}, torch.zeros(len(self.experts), device=x.device)
-        for t in self.task_names:
+        usage = {}
+        for t in self.select_tasks(tasks):
             mixed, weights = gate_mix(self.gates[t](x), expert_out)
             logits[t] = self.towers[t](mixed)
-            mass = mass + weights.detach().sum(0)
-        self._usage = {"mmoe": mass}
+            usage[task_group("mmoe", t)] = weights.detach().sum(0)
+            mass = mass + usage[task_group("mmoe", t)]
+        self._usage = {"mmoe": mass, **usage}
         return logits
 
     def expert_usage(self) -> dict[str, Tensor]:

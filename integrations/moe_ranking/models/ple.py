@@ -129,7 +129,10 @@ class PLE(MultiTaskModel):
         items.append(self.towers[task])
         return items
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
+    def forward(self, batch: Batch, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Logits of ``tasks`` (default all). Every level runs in full (below the last level all
+        tasks' experts feed the shared gate); only the requested towers run."""
+        selected = self.select_tasks(tasks)
         x = self.inputs(batch)
         task_inputs = {t: x for t in self.task_names}
         shared: Tensor | None = x
@@ -138,7 +141,7 @@ class PLE(MultiTaskModel):
             assert shared is not None
             task_inputs, shared, usage[f"level{index}"] = layer(task_inputs, shared)
         self._usage = usage
-        return {t: self.towers[t](task_inputs[t]) for t in self.task_names}
+        return {t: self.towers[t](task_inputs[t]) for t in selected}
 
     def expert_usage(self) -> dict[str, Tensor]:
         return dict(self._usage)

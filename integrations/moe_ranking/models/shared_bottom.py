@@ -40,6 +40,6 @@ class SharedBottom(MultiTaskModel):
     def task_modules(self, task: str) -> list[nn.Module | nn.Parameter]:
         return [self.towers[task]]
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
+    def forward(self, batch: Batch, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         h = self.bottom(self.inputs(batch))
-        return {t: self.towers[t](h) for t in self.task_names}
+        return {t: self.towers[t](h) for t in self.select_tasks(tasks)}

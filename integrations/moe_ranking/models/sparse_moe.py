@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..data.base import Batch
 from ..gating import GatingOutput, topk_gating
-from .base import MultiTaskModel, Tower, mlp
+from .base import MultiTaskModel, Tower, mlp, task_group
 from .inputs import InputLayer
 
 
@@ -55,7 +55,8 @@ class SparseMoE(MultiTaskModel):
 
     Partition: the input layer, encoder, router and experts are shared; task ``t`` owns its task
     embedding and its tower. ``expert_usage()`` gives, per expert, how many (example, task, slot)
-    routings picked it in the last forward pass; ``aux_losses()`` the weighted auxiliary losses.
+    routings picked it in the last forward pass (``sparse``, and per task ``sparse@<task>``);
+    ``aux_losses()`` the weighted auxiliary losses.
 
     Args:
         inputs: the shared input layer.
@@ -121,12 +122,14 @@ class SparseMoE(MultiTaskModel):
     def task_modules(self, task: str) -> list[nn.Module | nn.Parameter]:
         return [self.task_embeddings[task], self.towers[task]]
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
+    def forward(self, batch: Batch, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Logits of ``tasks`` (default all); only those tasks' tokens are routed."""
         h = self.encoder(self.inputs(batch))
         example_logits = self.router(h)  # [B, E], shared by every task
         logits, aux, gatings = {}, {}, {}
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=h.device)
-        for t in self.task_names:
+        per_task = {}
+        for t in self.select_tasks(tasks):
             task_embedding = self.task_embeddings[t]
             tokens = h + task_embedding
             gating = topk_gating(
@@ -140,9 +143,10 @@ class SparseMoE(MultiTaskModel):
             logits[t] = self.towers[t](mixed)
             aux[t] = self.lb_coef * gating.load_balancing_loss + self.z_coef * gating.z_loss
             counts += gating.expert_counts
+            per_task[task_group("sparse", t)] = gating.expert_counts.detach().to(torch.float32)
             gatings[t] = gating
         self._aux, self.last_gating = aux, gatings
-        self._usage = {"sparse": counts.detach().to(torch.float32)}
+        self._usage = {"sparse": counts.detach().to(torch.float32), **per_task}
         return logits
 
     def aux_losses(self) -> dict[str, Tensor]:
