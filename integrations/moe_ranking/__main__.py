@@ -2,7 +2,12 @@
 
 import sys
 
-from .cli import main
+from ._extras import MissingExtraError
 
 if __name__ == "__main__":
+    try:
+        from .cli import main
+    except MissingExtraError as exc:  # an optional dependency is missing: say which extra
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(main())

@@ -8,8 +8,14 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAUROC
+
+try:
+    from torchmetrics import MeanMetric
+    from torchmetrics.classification import BinaryAUROC
+except ImportError as _exc:
+    from ._extras import missing_extra
+
+    raise missing_extra("torchmetrics", _exc, "the AUC and log-loss metrics") from _exc
 
 from .models.base import TASK_GROUP_SEP
 

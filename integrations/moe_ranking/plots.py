@@ -32,8 +32,9 @@ def plot_runs(runs: Mapping[str, RunResult], path: str | Path, title: str = "") 
     weight of each task applied at each training step (normalised to sum to 1; smoothed over 20
     steps), which is ``1/K`` throughout for equal weighting.
     """
-    import matplotlib
+    from ._extras import require
 
+    matplotlib = require("matplotlib", "plotting the runs")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -17,12 +17,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.callbacks import Callback, EarlyStopping
 from torch import Tensor
+
+try:
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+    from pytorch_lightning.callbacks import Callback, EarlyStopping
+except ImportError as _exc:
+    from ._extras import missing_extra
+
+    raise missing_extra("pytorch_lightning", _exc, "training (PyTorch Lightning)") from _exc
 
 from .data.base import Batch, MultiTaskData, make_loader
 from .errors import ConfigError

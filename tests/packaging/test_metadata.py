@@ -16,7 +16,8 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
 
 PLATFORMS = {
     "linux": {"sys_platform": "linux", "platform_system": "Linux"},
@@ -58,3 +59,16 @@ def test_licence_is_an_spdx_expression_with_its_text() -> None:
 def test_project_urls_are_absolute() -> None:
     urls = PROJECT["urls"]
     assert urls and all(re.match(r"https://\S+$", u) for u in urls.values())
+
+
+def test_only_pub_optim_is_packaged() -> None:
+    """The checkout's integrations/, benchmarks/ and scripts/ stay out of the wheel: nothing is
+    installed under a generic top-level name (tests/packaging/test_wheel.py checks a built
+    wheel)."""
+    from setuptools import find_packages
+
+    find = PYPROJECT["tool"]["setuptools"]["packages"]["find"]
+    packages = find_packages(str(ROOT), include=find["include"], exclude=find.get("exclude", ()))
+    assert "pub_optim" in packages
+    assert all(p == "pub_optim" or p.startswith("pub_optim.") for p in packages), packages
+    assert (ROOT / "integrations" / "moe_ranking" / "__main__.py").is_file()  # in the checkout

@@ -1,11 +1,13 @@
 """The install path the docs give for a user: build a wheel from the checkout, install it in a
-fresh virtual environment, import it from there (not from the checkout)."""
+fresh virtual environment, import it from there (not from the checkout). The wheel holds
+``pub_optim`` only (the integration, benchmarks and scripts run from a checkout)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 CHECK = """
-import importlib.metadata as md, pathlib, sys
+import importlib.metadata as md, importlib.util, pathlib, sys
 import torch
 import pub_optim
 from pub_optim import PUB
@@ -27,6 +29,8 @@ meta = md.metadata("pub-optim")
 assert meta["License-Expression"] == "Apache-2.0", meta["License-Expression"]
 files = [str(f) for f in md.files("pub-optim")]
 assert any(f.endswith("licenses/LICENSE") for f in files), files
+# the library only: nothing under a generic top-level name such as `integrations`
+assert importlib.util.find_spec("integrations") is None
 model = torch.nn.Linear(3, 2)
 opt = PUB(torch.optim.Adam(model.parameters(), lr=0.1))
 x = torch.randn(4, 3)
@@ -62,6 +66,9 @@ def test_wheel_installs_into_a_fresh_venv_and_works(tmp_path: Path) -> None:
         ROOT,
     )
     (wheel,) = dist.glob("pub_optim-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        top = {name.split("/")[0] for name in archive.namelist()}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"pub_optim"}, top
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", venv)
     python = venv / "bin" / "python"

@@ -22,8 +22,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+try:
+    import pandas as pd
+except ImportError as _exc:
+    from .._extras import missing_extra
+
+    raise missing_extra("pandas", _exc, "reading the data sets") from _exc
+
+from .._extras import require
 from ..errors import DataError
 from ._files import WIDEDEEP_INSTALL, widedeep_data_dir
 from .base import MultiTaskData
@@ -59,6 +66,7 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"data file {str(path)!r} does not exist")
     try:
         if ".parquet" in path.name:
+            require("pyarrow", "reading the Adult parquet file")
             return pd.read_parquet(path)
         return pd.read_csv(path, skipinitialspace=True)
     except (OSError, ValueError, pd.errors.ParserError) as exc:

@@ -20,7 +20,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+try:
+    import pandas as pd
+except ImportError as _exc:
+    from .._extras import missing_extra
+
+    raise missing_extra("pandas", _exc, "reading the data sets") from _exc
 
 from ..errors import DataError
 from .base import MultiTaskData

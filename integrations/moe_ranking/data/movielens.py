@@ -23,8 +23,15 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+try:
+    import pandas as pd
+except ImportError as _exc:
+    from .._extras import missing_extra
+
+    raise missing_extra("pandas", _exc, "reading the data sets") from _exc
+
+from .._extras import require
 from ..errors import DataError
 from ._files import WIDEDEEP_INSTALL, widedeep_data_dir
 from .base import MultiTaskData
@@ -108,6 +115,7 @@ def load_movielens(
 ) -> MultiTaskData:
     """Load MovieLens-100K with a per-user temporal split (see the module docstring)."""
     folder = movielens_dir(data_dir)
+    require("pyarrow", "reading the MovieLens parquet files")
     frames = {}
     for key, name in FILES.items():
         try:

@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import pandas as pd
+
+try:
+    import pandas as pd
+except ImportError as _exc:
+    from .._extras import missing_extra
+
+    raise missing_extra("pandas", _exc, "reading the data sets") from _exc
 import torch
 
 from ..errors import DataError
