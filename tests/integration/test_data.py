@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from integrations.moe_ranking.data import (
     load_adult,
@@ -19,7 +22,12 @@ from integrations.moe_ranking.data import (
 )
 from integrations.moe_ranking.data._files import widedeep_data_dir
 from integrations.moe_ranking.data.aliexpress import CATEGORICAL, NUMERIC
-from integrations.moe_ranking.data.movielens import GENRES, temporal_split
+from integrations.moe_ranking.data.movielens import (
+    GENRES,
+    behaviour_history,
+    hashed_ngrams,
+    temporal_split,
+)
 from integrations.moe_ranking.data.preprocessing import (
     MISSING_ID,
     OOV_ID,
@@ -212,12 +220,23 @@ def test_adult_real_file() -> None:
 
 
 # --------------------------------------------------------------------------- MovieLens
-def small_movielens(folder: Path, n_users: int = 12, n_items: int = 30, seed: int = 0) -> Path:
+def small_movielens(
+    folder: Path,
+    n_users: int = 12,
+    n_items: int = 30,
+    seed: int = 0,
+    ties: bool = False,
+    titles: bool = True,
+) -> Path:
+    """MovieLens-shaped files; ``ties``: pairs of a user's ratings share their timestamp."""
     rng = np.random.default_rng(seed)
     rows = []
     for user in range(1, n_users + 1):
         for j, item in enumerate(rng.choice(np.arange(1, n_items + 1), 20, replace=False)):
-            rows.append((user, int(item), int(rng.integers(1, 6)), 880_000_000 + 1000 * j + user))
+            step = j // 2 if ties else j
+            rows.append(
+                (user, int(item), int(rng.integers(1, 6)), 880_000_000 + 1000 * step + user)
+            )
     ratings = pd.DataFrame(rows, columns=["user_id", "movie_id", "rating", "timestamp"])
     users = pd.DataFrame(
         {
@@ -230,6 +249,9 @@ def small_movielens(folder: Path, n_users: int = 12, n_items: int = 30, seed: in
     )
     items = pd.DataFrame({"movie_id": np.arange(1, n_items + 1)})
     items["release_date"] = ["01-Jan-1995"] * (n_items - 1) + [None]
+    if titles:
+        names = [f"Movie {i} Returns ({1990 + i % 7})" for i in range(n_items - 1)]
+        items["movie_title"] = [*names, None]
     for g in GENRES:
         items[g] = rng.integers(0, 2, n_items)
     folder.mkdir(parents=True, exist_ok=True)
@@ -265,6 +287,108 @@ def test_movielens_split_is_temporal_per_user() -> None:
     assert test.tolist() == [0, 12]
     assert val.tolist() == [1, 11]
     assert sorted([*train, *val, *test]) == list(range(13))
+
+
+def reference_history(users, items, times, length: int) -> list[list[int]]:
+    """Plain loops: the items of the same user with an earlier timestamp, time order (ties by
+    item), the last ``length``, left-padded with 0."""
+    out = []
+    for u, t in zip(users, times, strict=True):
+        earlier = sorted(
+            (tj, ij) for uj, ij, tj in zip(users, items, times, strict=True) if uj == u and tj < t
+        )
+        last = [i for _, i in earlier][-length:]
+        out.append([0] * (length - len(last)) + last)
+    return out
+
+
+def test_behaviour_history_excludes_the_same_second_and_the_future() -> None:
+    users = np.array([1, 2, 1, 1, 1])
+    items = np.array([6, 9, 5, 7, 8])
+    times = np.array([20, 5, 10, 20, 30])
+    history = behaviour_history(users, items, times, 3)
+    assert history.tolist() == [[0, 0, 5], [0, 0, 0], [0, 0, 0], [0, 0, 5], [5, 6, 7]]
+    assert behaviour_history(users, items, times, 2)[4].tolist() == [6, 7]
+    with pytest.raises(ValueError, match="padding"):
+        behaviour_history(users, items - 5, times, 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(1, 9), st.integers(0, 6)), min_size=1, max_size=30
+    ),
+    st.integers(1, 5),
+)
+def test_behaviour_history_matches_plain_loops(rows, length: int) -> None:
+    users, items, times = (np.array(c) for c in zip(*rows, strict=True))
+    expected = reference_history(users.tolist(), items.tolist(), times.tolist(), length)
+    assert behaviour_history(users, items, times, length).tolist() == expected
+
+
+def test_hashed_ngrams() -> None:
+    def h(gram: str) -> int:
+        return zlib.crc32(gram.encode()) % 50 + 1
+
+    grams = ["toy", "story", "1995", "toy story", "story 1995"]
+    assert hashed_ngrams("Toy Story (1995)", 50, 7) == [*map(h, grams), 0, 0]
+    assert hashed_ngrams("Toy Story (1995)", 50, 2) == [h("toy"), h("story")]
+    assert hashed_ngrams(None, 50, 3) == [0, 0, 0]
+
+
+def test_movielens_history_and_text(tmp_path: Path) -> None:
+    """Every row's history is exactly the user's strictly earlier movies (never the current or a
+    later one, nor one of the same second), as training-vocabulary ids + 1; the text is the title's
+    hashed n-grams."""
+    folder = small_movielens(tmp_path / "ml", ties=True)
+    data = load_movielens(folder, history_len=6, text_buckets=64, text_len=5)
+    assert (data.info["history_len"], data.info["text_buckets"], data.info["text_len"]) == (
+        6,
+        64,
+        5,
+    )
+    movie_field = data.cat_names.index("movie_id")
+    assert data.info["history_vocab"] == data.cat_cardinalities[movie_field] + 1
+    ratings = pd.read_parquet(folder / "MovieLens100k_data.parquet.brotli").reset_index(drop=True)
+    items = pd.read_parquet(folder / "MovieLens100k_items.parquet.brotli")
+    title = dict(zip(items["movie_id"], items["movie_title"], strict=True))
+    rows = dict(zip(("train", "val", "test"), temporal_split(ratings, 0.1, 0.1), strict=True))
+    # Raw movie id -> vocabulary id, read off the training rows (others are out-of-vocabulary).
+    vocab = {}
+    for r, v in zip(rows["train"], data.train.cat[:, movie_field].tolist(), strict=True):
+        vocab[int(ratings.movie_id[r])] = v
+    ids = [vocab.get(int(m), OOV_ID) + 1 for m in ratings.movie_id]
+    expected = reference_history(ratings.user_id.tolist(), ids, ratings.timestamp.tolist(), 6)
+    checked_ties = 0
+    for name, split in data.splits().items():
+        assert split.history.shape == (len(split), 6) and split.text.shape == (len(split), 5)
+        for j, r in enumerate(rows[name]):
+            assert split.history[j].tolist() == expected[r]
+            same_second = ratings[
+                (ratings.user_id == ratings.user_id[r])
+                & (ratings.timestamp == ratings.timestamp[r])
+            ]
+            checked_ties += len(same_second) > 1
+            assert split.text[j].tolist() == hashed_ngrams(title[ratings.movie_id[r]], 64, 5)
+    assert checked_ties > 0
+    assert bool((data.test.history > 0).all())  # test rows come late: a full history
+    batch = data.train.batch(slice(0, 4))
+    assert set(batch) == {"cat", "num", "labels", "history", "text"}
+
+
+def test_movielens_feeds_grec(tmp_path: Path) -> None:
+    from integrations.moe_ranking.models import build_model
+
+    data = load_movielens(small_movielens(tmp_path / "ml"), history_len=8, text_buckets=32)
+    model = build_model("grec", data, embed_dim=4, d_model=8, expert_hidden=(8,))
+    assert model.history is not None and model.text is not None
+    assert (model.history.vocab, model.history.max_len) == (data.info["history_vocab"], 8)
+    logits = model(next(iter(make_loader(data.train, 16, shuffle=False))))
+    assert all(v.shape == (16,) and torch.isfinite(v).all() for v in logits.values())
+    # Without titles there is no text, and GRec builds no text token.
+    plain = load_movielens(small_movielens(tmp_path / "plain", titles=False))
+    assert plain.train.text is None and "text_buckets" not in plain.info
+    assert build_model("grec", plain, embed_dim=4, d_model=8).text is None
 
 
 def test_movielens_missing_files_message(tmp_path: Path) -> None:

@@ -2,7 +2,10 @@
 
 A batch is a ``dict`` with ``"cat"`` (int64 ``[B, F]``, vocabulary ids per categorical field),
 ``"num"`` (float32 ``[B, D]``, standardised numeric features) and ``"labels"`` (float32 ``[B, K]``,
-one 0/1 column per task, in ``task_names`` order).
+one 0/1 column per task, in ``task_names`` order). Datasets with a behaviour sequence add
+``"history"`` (int64 ``[B, L]``, item ids in time order, newest last, 0 = padding in front), those
+with text ``"text"`` (int64 ``[B, T]``, hashed n-gram ids, 0 = padding); see ``MultiTaskData.info``
+for their vocabularies.
 """
 
 from __future__ import annotations
@@ -24,21 +27,32 @@ class Split:
     cat: Tensor
     num: Tensor
     labels: Tensor
+    #: Optional behaviour sequence ``[N, L]`` (0 = padding) and text ``[N, T]`` (0 = padding).
+    history: Tensor | None = None
+    text: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.labels.shape[0]
-        if self.cat.shape[0] != n or self.num.shape[0] != n:
-            raise ValueError(
-                f"split tensors disagree on the number of rows: cat {tuple(self.cat.shape)}, "
-                f"num {tuple(self.num.shape)}, labels {tuple(self.labels.shape)}"
-            )
+        extra = [t for t in (self.history, self.text) if t is not None]
+        if self.cat.shape[0] != n or self.num.shape[0] != n or any(t.shape[0] != n for t in extra):
+            shapes = {k: tuple(v.shape) for k, v in self.tensors().items()}
+            raise ValueError(f"split tensors disagree on the number of rows: {shapes}")
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the split by batch key (``history`` and ``text`` when present)."""
+        out = {"cat": self.cat, "num": self.num, "labels": self.labels}
+        if self.history is not None:
+            out["history"] = self.history
+        if self.text is not None:
+            out["text"] = self.text
+        return out
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def batch(self, index: Tensor | slice) -> Batch:
         """Rows ``index`` as a batch dict."""
-        return {"cat": self.cat[index], "num": self.num[index], "labels": self.labels[index]}
+        return {key: value[index] for key, value in self.tensors().items()}
 
     def positive_rate(self) -> list[float]:
         """Share of positive labels per task."""

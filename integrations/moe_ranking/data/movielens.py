@@ -12,17 +12,35 @@ it into an output folder.
 Split per user by time: each user's ratings are sorted by timestamp (ties by movie id); the last
 ``test_fraction`` go to test, the ``val_fraction`` before them to validation, the rest to training.
 
+Besides the tabular features every row has
+
+* ``history``: the movies the same user rated strictly earlier (an earlier timestamp; ratings of
+  the same second are not "before" one another), in time order (ties by movie id), the last
+  ``history_len`` of them, right-aligned with 0 as padding in front. Ids are the ``movie_id``
+  field's vocabulary ids (fitted on the training split) plus 1, so 0 stays free for padding and
+  movies unseen in training share the out-of-vocabulary id 1. Only the items, never their ratings.
+* ``text`` (when the items file has ``movie_title``): the movie's title as hashed word unigrams
+  and bigrams (lower-cased ``[a-z0-9]+`` words, CRC-32 of the n-gram modulo ``text_buckets``,
+  plus 1; 0 = padding), the first ``text_len`` n-grams, unigrams first.
+
+``data.info`` records ``history_vocab`` (the number of history ids including padding),
+``history_len`` and, with text, ``text_buckets`` and ``text_len``.
+
 Source: F. Maxwell Harper and Joseph A. Konstan, "The MovieLens Datasets: History and Context",
 ACM TiiS 5(4), 2015.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import zlib
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
+import torch
 
 try:
     import pandas as pd
@@ -34,7 +52,7 @@ except ImportError as _exc:
 from .._extras import require
 from ..errors import DataError
 from ._files import WIDEDEEP_INSTALL, widedeep_data_dir
-from .base import MultiTaskData
+from .base import MultiTaskData, Split
 from .preprocessing import TabularPreprocessor, require_columns
 
 FILES = {
@@ -50,6 +68,9 @@ GENRES = (
 CATEGORICAL = ("user_id", "movie_id", "gender", "occupation", "zip3")
 NUMERIC = ("age", "release_year", *GENRES)
 TASKS = ("like", "five_star")
+HISTORY_LEN = 20
+TEXT_BUCKETS = 4096
+TEXT_LEN = 16
 
 
 def movielens_dir(data_dir: str | Path | None = None) -> Path:
@@ -107,13 +128,62 @@ def temporal_split(
     )
 
 
+def behaviour_history(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, length: int
+) -> np.ndarray:
+    """``[N, length]``: for each row, the ``items`` of the same user with a strictly earlier
+    timestamp, in time order (ties by item id), the last ``length``, right-aligned, 0 in front.
+
+    ``items`` must be positive (0 is the padding id).
+    """
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    users, items, timestamps = (np.asarray(a) for a in (users, items, timestamps))
+    if len(items) and int(items.min()) < 1:
+        raise ValueError("item ids must be >= 1 (0 is the padding id)")
+    n = len(items)
+    if n == 0:
+        return np.zeros((0, length), dtype=np.int64)
+    order = np.lexsort((items, timestamps, users))
+    _, user_rank = np.unique(users, return_inverse=True)
+    _, time_rank = np.unique(timestamps, return_inverse=True)
+    key = user_rank.astype(np.int64) * (int(time_rank.max()) + 1) + time_rank
+    sorted_key, sorted_user = key[order], user_rank[order]
+    # Sorted positions: the first row of the same (user, timestamp) ends the history; the first
+    # row of the user bounds it.
+    end = np.searchsorted(sorted_key, sorted_key, side="left")
+    start = np.searchsorted(sorted_user, sorted_user, side="left")
+    index = end[:, None] - length + np.arange(length)[None, :]
+    valid = index >= start[:, None]
+    sorted_items = items[order].astype(np.int64)
+    history_sorted = np.where(valid, sorted_items[np.clip(index, 0, None)], 0)
+    history = np.empty_like(history_sorted)
+    history[order] = history_sorted
+    return history
+
+
+def hashed_ngrams(text: object, buckets: int, length: int) -> list[int]:
+    """Word unigrams then bigrams of ``text`` hashed into ``1..buckets``, the first ``length``,
+    padded with 0 (all 0 for a missing text)."""
+    words = re.findall(r"[a-z0-9]+", text.lower()) if isinstance(text, str) else []
+    grams = [*words, *(f"{a} {b}" for a, b in pairwise(words))]
+    ids = [zlib.crc32(g.encode("utf-8")) % buckets + 1 for g in grams][:length]
+    return ids + [0] * (length - len(ids))
+
+
 def load_movielens(
     data_dir: str | Path | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     min_count: int = 1,
+    history_len: int = HISTORY_LEN,
+    text_buckets: int = TEXT_BUCKETS,
+    text_len: int = TEXT_LEN,
 ) -> MultiTaskData:
-    """Load MovieLens-100K with a per-user temporal split (see the module docstring)."""
+    """Load MovieLens-100K with a per-user temporal split, behaviour history and hashed title
+    n-grams (see the module docstring)."""
+    if min(history_len, text_buckets, text_len) < 1:
+        raise ValueError("history_len, text_buckets and text_len must be >= 1")
     folder = movielens_dir(data_dir)
     require("pyarrow", "reading the MovieLens parquet files")
     frames = {}
@@ -141,6 +211,7 @@ def load_movielens(
         .merge(users[["user_id", "age", "gender", "occupation", "zip3"]], on="user_id", how="left")
         .merge(items[["movie_id", "release_year", *GENRES]], on="movie_id", how="left")
     )
+    titles = items["movie_title"] if "movie_title" in items.columns else None
     frame["__label_like"] = (rating.to_numpy() >= 4).astype(np.float32)
     frame["__label_five_star"] = (rating.to_numpy() == 5).astype(np.float32)
     label_cols = ["__label_like", "__label_five_star"]
@@ -151,20 +222,58 @@ def load_movielens(
     prep = TabularPreprocessor(
         CATEGORICAL, NUMERIC, min_count=min_count, numeric_missing="impute"
     ).fit(train_frame, source)
+    # Behaviour history: training-vocabulary movie ids + 1 (0 = padding), every row of the file.
+    movie_field = prep.cat_names.index("movie_id")
+    movie_ids = prep.transform_features(frame, source)[0][:, movie_field].numpy() + 1
+    history = torch.from_numpy(
+        behaviour_history(
+            frame["user_id"].to_numpy(), movie_ids, frame["timestamp"].to_numpy(), history_len
+        )
+    )
+    # Title n-grams, per movie, then per row (movies absent from the items file: all padding).
+    text = None
+    if titles is not None:
+        per_movie = {
+            movie: hashed_ngrams(title, text_buckets, text_len)
+            for movie, title in zip(items["movie_id"], titles, strict=True)
+        }
+        empty = [0] * text_len
+        text = torch.tensor([per_movie.get(m, empty) for m in frame["movie_id"]], dtype=torch.long)
+        text = text.reshape(len(frame), text_len)
+    text_info: dict[str, object] = {}
+    if text is not None:
+        text_info = {
+            "text": "title word uni- and bigrams, CRC-32 hashed into 1..text_buckets, 0 = padding",
+            "text_buckets": text_buckets,
+            "text_len": text_len,
+        }
+
+    def split(rows: np.ndarray) -> Split:
+        index = torch.from_numpy(rows)
+        tabular = prep.transform(frame.iloc[rows], label_cols, source)
+        return dataclasses.replace(
+            tabular, history=history[index], text=None if text is None else text[index]
+        )
+
     return MultiTaskData(
         name="movielens",
         task_names=TASKS,
         cat_names=prep.cat_names,
         cat_cardinalities=prep.cardinalities,
         num_names=prep.num_names,
-        train=prep.transform(train_frame, label_cols, source),
-        val=prep.transform(frame.iloc[val_rows], label_cols, source),
-        test=prep.transform(frame.iloc[test_rows], label_cols, source),
+        train=split(train_rows),
+        val=split(val_rows),
+        test=split(test_rows),
         funnel=("like", "five_star"),
         info={
             "source": str(folder),
             "licence": "MovieLens (GroupLens) licence: no redistribution; read from the installed "
             "package, never committed",
             "split": "per user by time",
+            "history": "movies the user rated strictly earlier, last history_len, ids = movie_id "
+            "vocabulary id + 1, 0 = padding in front",
+            "history_vocab": prep.cardinalities[movie_field] + 1,
+            "history_len": history_len,
+            **text_info,
         },
     )
