@@ -1,5 +1,5 @@
-"""Runs the interpreter tests (gating and Nash kernels) in a fresh process when this one cannot
-(see ``conftest.py``)."""
+"""Runs the interpreter tests (gating and Nash kernels, GRec on the gating kernels) in a fresh
+process when this one cannot (see ``conftest.py``)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def test_interpreter_suite_in_subprocess():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     cmd.append(str(HERE / "test_gating_triton_interpreter.py"))
     cmd.append(str(HERE / "test_nash_triton_interpreter.py"))
+    cmd.append(str(HERE / "test_grec_triton_interpreter.py"))
     proc = subprocess.run(
         cmd, cwd=HERE.parents[1], env=env, capture_output=True, text=True, timeout=900
     )
