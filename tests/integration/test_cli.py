@@ -198,8 +198,8 @@ def test_fit_writes_metrics_and_plot(tmp_path: Path, capsys, model: str, extra: 
             "400", "--batch-size", "100", "--out", str(out), "--no-progress", *extra]  # fmt: skip
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
-    # Models that route per task also draw the experts' share per task (not PLE).
-    heatmap = ["experts.png"] if model != "ple" else []
+    # MoE models also draw the experts' share per task.
+    heatmap = ["experts.png"]
     assert sorted(p.name for p in out.iterdir()) == [
         MARKER, *heatmap, "history.csv", "metrics.json", "plot.png", "task_weights.csv"
     ]  # fmt: skip

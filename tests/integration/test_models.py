@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from integrations.moe_ranking.data import MultiTaskData
 from integrations.moe_ranking.errors import ConfigError
 from integrations.moe_ranking.models import MODELS, PLE, InputLayer, build_model, product_logit
+from integrations.moe_ranking.models.base import task_group
 from integrations.moe_ranking.models.sparse_moe import SparseMoE, dispatch_combine
 
 SMALL = {
@@ -272,3 +273,26 @@ def test_top1_routing_keeps_router_gradient(synthetic: MultiTaskData) -> None:
     losses = task_losses(model, synthetic.train.batch(slice(0, 16)))
     sum(losses.values()).backward()
     assert model.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["mmoe", "ple", "sparse-moe", "grec"])
+def test_per_task_expert_usage(name: str, synthetic: MultiTaskData) -> None:
+    """Each task's routing mass is reported as ``<group>@<task>``: B per task gate (softmax gates
+    sum to 1 per example), B x k for top-k routing of one token per example; the tasks' masses add
+    up to the group's (plus, below PLE's last level, the shared gate's B)."""
+    torch.manual_seed(0)
+    model = build_model(name, synthetic, embed_dim=4, **SMALL[name])
+    model(synthetic.train.batch(slice(0, 20)))
+    usage = model.expert_usage()
+    groups = {k for k in usage if "@" not in k}
+    per_example = {"mmoe": 1, "ple": 1, "sparse-moe": 2, "grec": 2 * model_tokens(model)}[name]
+    for group in groups:
+        per_task = [usage[task_group(group, t)] for t in model.task_names]
+        for mass in per_task:
+            assert float(mass.sum()) == pytest.approx(20 * per_example, rel=1e-5)
+        extra = 20 if name == "ple" and group != f"level{len(model.levels) - 1}" else 0
+        assert float(usage[group].sum()) == pytest.approx(20 * per_example * 2 + extra, rel=1e-5)
+
+
+def model_tokens(model) -> int:
+    return model.num_tokens if getattr(model, "routing", None) == "token" else 1

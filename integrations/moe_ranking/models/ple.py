@@ -15,13 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from ..data.base import Batch
-from .base import MultiTaskModel, Tower
+from .base import MultiTaskModel, Tower, task_group
 from .inputs import InputLayer
 from .mmoe import Experts, gate_mix
 
 
 class CGCLayer(nn.Module):
-    """One extraction level. Expert order in ``usage``: shared experts, then each task's experts."""
+    """One extraction level. Expert order in ``usage``: shared experts, then each task's experts
+    (the per-task usage of a task gate covers the shared experts and that task's own)."""
 
     def __init__(
         self,
@@ -49,26 +50,29 @@ class CGCLayer(nn.Module):
 
     def forward(
         self, task_inputs: dict[str, Tensor], shared_input: Tensor
-    ) -> tuple[dict[str, Tensor], Tensor | None, Tensor]:
+    ) -> tuple[dict[str, Tensor], Tensor | None, Tensor, dict[str, Tensor]]:
+        """(task outputs, next shared input, gate mass per expert, the same per task gate)."""
         shared_out = self.shared(shared_input)
         specific_out = {t: self.specific[t](task_inputs[t]) for t in self.task_names}
-        usage = torch.zeros(
-            self.num_shared + self.num_specific * len(self.task_names), device=shared_input.device
-        )
-        outputs = {}
+        total = self.num_shared + self.num_specific * len(self.task_names)
+        usage = torch.zeros(total, device=shared_input.device)
+        outputs, per_task = {}, {}
         for i, t in enumerate(self.task_names):
             experts = torch.cat([specific_out[t], shared_out], dim=1)
             outputs[t], weights = gate_mix(self.task_gates[t](task_inputs[t]), experts)
             w = weights.detach().sum(0)
             start = self.num_shared + i * self.num_specific
-            usage[start : start + self.num_specific] += w[: self.num_specific]
-            usage[: self.num_shared] += w[self.num_specific :]
+            mine = torch.zeros(total, device=shared_input.device)
+            mine[start : start + self.num_specific] = w[: self.num_specific]
+            mine[: self.num_shared] = w[self.num_specific :]
+            per_task[t] = mine
+            usage += mine
         next_shared = None
         if self.shared_gate is not None:
             every = torch.cat([shared_out, *(specific_out[t] for t in self.task_names)], dim=1)
             next_shared, weights = gate_mix(self.shared_gate(shared_input), every)
             usage += weights.detach().sum(0)
-        return outputs, next_shared, usage
+        return outputs, next_shared, usage, per_task
 
 
 class PLE(MultiTaskModel):
@@ -78,7 +82,8 @@ class PLE(MultiTaskModel):
     expert and shared gate, the task-specific experts of every level but the last (the shared gate
     of their level mixes them into the next level's shared experts) and the task gates below the
     last two levels. Task ``k`` owns its experts at the last level, its gates at the last two
-    levels and its tower.
+    levels and its tower. ``expert_usage()``: gate mass per expert of each level (``level<i>``)
+    and of each task's gate (``level<i>@<task>``).
     """
 
     def __init__(
@@ -139,7 +144,9 @@ class PLE(MultiTaskModel):
         usage = {}
         for index, layer in enumerate(self.levels):
             assert shared is not None
-            task_inputs, shared, usage[f"level{index}"] = layer(task_inputs, shared)
+            task_inputs, shared, usage[f"level{index}"], per_task = layer(task_inputs, shared)
+            for t in selected:
+                usage[task_group(f"level{index}", t)] = per_task[t]
         self._usage = usage
         return {t: self.towers[t](task_inputs[t]) for t in selected}
 
