@@ -69,7 +69,9 @@ def run_all(args: argparse.Namespace, raw_path: Path) -> dict[str, Any]:
             patience=DEMO_DEFAULTS["patience"],
         )
         result = run_training(config, data)
-        dead = {k: v for k, v in result.expert_load.items() if k.endswith("/dead")}
+        dead = {  # per group of experts, not per task ("experts/<group>@<task>/dead")
+            k: v for k, v in result.expert_load.items() if k.endswith("/dead") and "@" not in k
+        }
         records[run_key(model, balancer, seed)] = {
             "model": model,
             "balancer": balancer,
