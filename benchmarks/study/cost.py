@@ -111,7 +111,7 @@ def with_tasks(data: MultiTaskData, k: int, seed: int = 0) -> MultiTaskData:
         return dataclasses.replace(
             data,
             task_names=names,
-            train=Split(data.train.cat, data.train.num, data.train.labels[:, :k]),
+            train=dataclasses.replace(data.train, labels=data.train.labels[:, :k]),
             funnel=None,
         )
     rng = np.random.default_rng(seed)
@@ -122,7 +122,7 @@ def with_tasks(data: MultiTaskData, k: int, seed: int = 0) -> MultiTaskData:
     labels = torch.cat([data.train.labels, extra], dim=1)
     names = (*data.task_names, *(f"synthetic{i}" for i in range(k - base)))
     return dataclasses.replace(
-        data, task_names=names, train=Split(data.train.cat, data.train.num, labels), funnel=None
+        data, task_names=names, train=dataclasses.replace(data.train, labels=labels), funnel=None
     )
 
 

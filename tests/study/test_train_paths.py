@@ -137,3 +137,22 @@ def test_loss_weighted_module_trains_the_log_variances(data) -> None:
     assert any(p is module.uw.log_vars for g in optimizer.param_groups for p in g["params"])
     with pytest.raises(ValueError, match="unknown loss weighting"):
         LossWeightedModule(build_model("mmoe", data), 1e-3, 0.0, "other")
+
+
+def test_subset_keeps_history_and_text() -> None:
+    """Row subsets keep every tensor of a split (MovieLens's history and text too), row for row."""
+    from benchmarks.study.train import _subset
+    from integrations.moe_ranking.data import Split
+
+    n = 10
+    split = Split(
+        cat=torch.arange(n).unsqueeze(1),
+        num=torch.zeros(n, 0),
+        labels=torch.zeros(n, 2),
+        history=torch.arange(n).unsqueeze(1) * 10,
+        text=torch.arange(n).unsqueeze(1) * 100,
+    )
+    sub = _subset(split, 4, seed=0)
+    assert len(sub) == 4 and sub.history is not None and sub.text is not None
+    assert torch.equal(sub.history[:, 0], sub.cat[:, 0] * 10)
+    assert torch.equal(sub.text[:, 0], sub.cat[:, 0] * 100)
