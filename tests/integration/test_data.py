@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zlib
 from pathlib import Path
 
@@ -389,6 +390,23 @@ def test_movielens_feeds_grec(tmp_path: Path) -> None:
     plain = load_movielens(small_movielens(tmp_path / "plain", titles=False))
     assert plain.train.text is None and "text_buckets" not in plain.info
     assert build_model("grec", plain, embed_dim=4, d_model=8).text is None
+
+
+def test_fit_grec_on_movielens_files(tmp_path: Path, capsys) -> None:
+    """The command line trains GRec with history and text tokens on MovieLens-shaped files."""
+    from integrations.moe_ranking.cli import main
+
+    folder = small_movielens(tmp_path / "ml")
+    out = tmp_path / "out"
+    argv = ["fit", "--data", "movielens", "--data-dir", str(folder), "--model", "grec",
+            "--epochs", "1", "--batch-size", "64", "--embed-dim", "4", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task_names"] == ["like", "five_star"]
+    assert all(np.isfinite(v) for v in metrics["test"].values())
+    assert "experts/grec@like/share_0" in metrics["expert_load_last_epoch"]
+    assert (out / "experts.png").is_file()
 
 
 def test_movielens_missing_files_message(tmp_path: Path) -> None:
