@@ -54,7 +54,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,6 +62,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.memory import peak_bytes  # noqa: E402
 from integrations.moe_ranking.data import MultiTaskData, Split, load_data  # noqa: E402
+from integrations.moe_ranking.losses import task_bce  # noqa: E402
 from integrations.moe_ranking.models import MultiTaskModel, build_model  # noqa: E402
 from pub_optim import PUB  # noqa: E402
 from pub_optim.loss_weighting import FAMO, UncertaintyWeighting  # noqa: E402
@@ -111,7 +111,11 @@ def with_tasks(data: MultiTaskData, k: int, seed: int = 0) -> MultiTaskData:
         return dataclasses.replace(
             data,
             task_names=names,
-            train=dataclasses.replace(data.train, labels=data.train.labels[:, :k]),
+            train=dataclasses.replace(
+                data.train,
+                labels=data.train.labels[:, :k],
+                mask=None if data.train.mask is None else data.train.mask[:, :k],
+            ),
             funnel=None,
         )
     rng = np.random.default_rng(seed)
@@ -121,9 +125,11 @@ def with_tasks(data: MultiTaskData, k: int, seed: int = 0) -> MultiTaskData:
     extra = torch.from_numpy((scores > np.median(scores, axis=0)).astype(np.float32))
     labels = torch.cat([data.train.labels, extra], dim=1)
     names = (*data.task_names, *(f"synthetic{i}" for i in range(k - base)))
-    return dataclasses.replace(
-        data, task_names=names, train=dataclasses.replace(data.train, labels=labels), funnel=None
-    )
+    mask = data.train.mask  # the added tasks cover every row
+    if mask is not None:
+        mask = torch.cat([mask, torch.ones(len(mask), k - base, dtype=torch.bool)], dim=1)
+    train = dataclasses.replace(data.train, labels=labels, mask=mask)
+    return dataclasses.replace(data, task_names=names, train=train, funnel=None)
 
 
 @dataclass
@@ -147,12 +153,7 @@ def make_problem(data: MultiTaskData, k: int, cfg: CostConfig) -> Problem:
 
 
 def task_losses(model: MultiTaskModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    logits = model(batch)
-    labels = batch["labels"]
-    losses = {
-        t: F.binary_cross_entropy_with_logits(logits[t], labels[:, i])
-        for i, t in enumerate(model.task_names)
-    }
+    losses = task_bce(model(batch), batch["labels"], model.task_names, batch.get("task_mask"))
     for t, aux in model.aux_losses().items():
         losses[t] = losses[t] + aux
     return losses

@@ -120,7 +120,7 @@ def _subset(split: Split, n: int | None, seed: int) -> Split:
         return split
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(split), generator=generator)[:n].sort().values
-    return Split(**{key: value[index] for key, value in split.tensors().items()})
+    return split.rows(index)  # every tensor: history, text and the task mask too
 
 
 def get_data(dataset: str, settings: Settings) -> MultiTaskData:

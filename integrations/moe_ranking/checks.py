@@ -97,9 +97,29 @@ def _check_routing(model: str, options: dict[str, Any]) -> None:
         )
 
 
+def _check_data(args: argparse.Namespace) -> None:
+    num_tasks = getattr(args, "num_tasks", None)
+    if num_tasks is not None:
+        from .data.movielens import MAX_GENRE_TASKS, MIN_GENRE_TASKS
+
+        if args.data != "movielens":
+            raise ConfigError(f"--num-tasks applies to --data movielens, not {args.data}")
+        if not MIN_GENRE_TASKS <= num_tasks <= MAX_GENRE_TASKS:
+            raise ConfigError(
+                f"--num-tasks must be from {MIN_GENRE_TASKS} to {MAX_GENRE_TASKS} (MovieLens has "
+                f"19 genres to group), got {num_tasks}"
+            )
+        if getattr(args, "esmm", False):
+            raise ConfigError(
+                "--esmm needs funnel tasks; the genre tasks of --num-tasks are not nested "
+                "(leave out --num-tasks for like -> five_star)"
+            )
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every check of the parsed options that needs neither data nor training."""
     _check_numbers(args)
+    _check_data(args)
     _check_routing(args.model, model_options(args))
     if getattr(args, "out", None) is not None:
         from .outputs import refuse_unsafe

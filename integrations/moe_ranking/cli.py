@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--conflict", type=float, default=0.5, help="synthetic: 0 same task .. 1 opposed tasks"
     )
     data.add_argument("--funnel", action="store_true", help="synthetic: nested (funnel) tasks")
+    data.add_argument(
+        "--num-tasks", type=int, default=None, metavar="K",
+        help="movielens: K genre tasks (2..16; 'liked' within a group of genres, each on its own "
+        "rows) instead of like / five_star",
+    )  # fmt: skip
     data.add_argument("--n-train", type=_positive_int, default=None, help="synthetic: rows")
 
     demo = sub.add_parser(
@@ -201,7 +206,7 @@ def _data_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.data == "adult":
         return {"path": args.data_path}
     if args.data == "movielens":
-        return {"data_dir": args.data_dir}
+        return {"data_dir": args.data_dir, "num_tasks": args.num_tasks}
     if args.data == "aliexpress":
         return {
             "root": args.data_dir if args.data_dir is not None else Path("data"),

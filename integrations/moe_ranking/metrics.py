@@ -35,13 +35,17 @@ class TaskMetrics(nn.Module):
         self.logloss = nn.ModuleDict({t: MeanMetric() for t in self.task_names})
 
     @torch.no_grad()
-    def update(self, logits: dict[str, Tensor], labels: Tensor) -> None:
+    def update(self, logits: dict[str, Tensor], labels: Tensor, mask: Tensor | None = None) -> None:
+        """Add a batch; with ``mask`` (bool ``[B, K]``) each task sees its own rows only."""
         for i, t in enumerate(self.task_names):
-            y = labels[:, i]
-            self.auc[t].update(torch.sigmoid(logits[t].float()), y.long())
-            self.logloss[t].update(
-                F.binary_cross_entropy_with_logits(logits[t].float(), y, reduction="none")
-            )
+            y, z = labels[:, i], logits[t].float()
+            if mask is not None:
+                rows = mask[:, i]
+                y, z = y[rows], z[rows]
+                if y.numel() == 0:
+                    continue
+            self.auc[t].update(torch.sigmoid(z), y.long())
+            self.logloss[t].update(F.binary_cross_entropy_with_logits(z, y, reduction="none"))
 
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}

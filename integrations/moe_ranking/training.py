@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -32,6 +31,7 @@ except ImportError as _exc:
 
 from .data.base import Batch, MultiTaskData, make_loader
 from .errors import ConfigError
+from .losses import task_bce
 from .metrics import ExpertLoad, TaskMetrics
 from .models import MultiTaskModel, build_model
 
@@ -128,11 +128,7 @@ class RankingModule(pl.LightningModule):
     def task_losses(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(per-task losses incl. auxiliary terms, logits)."""
         logits = self.model(batch)
-        labels = batch["labels"]
-        losses = {
-            t: F.binary_cross_entropy_with_logits(logits[t], labels[:, i])
-            for i, t in enumerate(self.task_names)
-        }
+        losses = task_bce(logits, batch["labels"], self.task_names, batch.get("task_mask"))
         for t, aux in self.model.aux_losses().items():
             losses[t] = losses[t] + aux
         return losses, logits
@@ -169,7 +165,7 @@ class RankingModule(pl.LightningModule):
             self.log_dict(stats)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.val_metrics.update(self.model(batch), batch["labels"])
+        self.val_metrics.update(self.model(batch), batch["labels"], batch.get("task_mask"))
 
     def on_validation_epoch_end(self) -> None:
         results = self.val_metrics.compute()
@@ -179,7 +175,7 @@ class RankingModule(pl.LightningModule):
         self.log(MONITOR, mean_auc, prog_bar=True)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self.test_metrics.update(self.model(batch), batch["labels"])
+        self.test_metrics.update(self.model(batch), batch["labels"], batch.get("task_mask"))
 
     def on_test_epoch_end(self) -> None:
         results = self.test_metrics.compute()

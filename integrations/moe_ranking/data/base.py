@@ -5,7 +5,9 @@ A batch is a ``dict`` with ``"cat"`` (int64 ``[B, F]``, vocabulary ids per categ
 one 0/1 column per task, in ``task_names`` order). Datasets with a behaviour sequence add
 ``"history"`` (int64 ``[B, L]``, item ids in time order, newest last, 0 = padding in front), those
 with text ``"text"`` (int64 ``[B, T]``, hashed n-gram ids, 0 = padding); see ``MultiTaskData.info``
-for their vocabularies.
+for their vocabularies. Data whose rows belong to some tasks only (the scenario rows of GRec, Wang
+et al., CIKM 2023) add ``"task_mask"`` (bool ``[B, K]``, True where the row belongs to the task);
+each task's loss and metrics then use its own rows only, and its label elsewhere is a placeholder 0.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Split:
     #: Optional behaviour sequence ``[N, L]`` (0 = padding) and text ``[N, T]`` (0 = padding).
     history: Tensor | None = None
     text: Tensor | None = None
+    #: Optional bool ``[N, K]``: which tasks each row belongs to (None: every row, every task).
+    mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.labels.shape[0]
@@ -37,15 +41,36 @@ class Split:
         if self.cat.shape[0] != n or self.num.shape[0] != n or any(t.shape[0] != n for t in extra):
             shapes = {k: tuple(v.shape) for k, v in self.tensors().items()}
             raise ValueError(f"split tensors disagree on the number of rows: {shapes}")
+        if self.mask is not None and (
+            self.mask.shape != self.labels.shape or self.mask.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"the task mask must be bool with the labels' shape {tuple(self.labels.shape)}, "
+                f"got {self.mask.dtype} {tuple(self.mask.shape)}"
+            )
 
     def tensors(self) -> dict[str, Tensor]:
-        """Every tensor of the split by batch key (``history`` and ``text`` when present)."""
+        """Every tensor of the split by batch key (``history``, ``text`` and ``task_mask`` when
+        present)."""
         out = {"cat": self.cat, "num": self.num, "labels": self.labels}
         if self.history is not None:
             out["history"] = self.history
         if self.text is not None:
             out["text"] = self.text
+        if self.mask is not None:
+            out["task_mask"] = self.mask
         return out
+
+    def rows(self, index: Tensor | slice) -> Split:
+        """The split of rows ``index`` (every tensor, the task mask included)."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        return Split(
+            self.cat[index], self.num[index], self.labels[index],
+            history=pick(self.history), text=pick(self.text), mask=pick(self.mask),
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -55,10 +80,20 @@ class Split:
         return {key: value[index] for key, value in self.tensors().items()}
 
     def positive_rate(self) -> list[float]:
-        """Share of positive labels per task."""
+        """Share of positive labels per task (over the task's own rows when there is a mask)."""
         if len(self) == 0:
             return [float("nan")] * self.labels.shape[1]
-        return [float(v) for v in self.labels.mean(dim=0)]
+        if self.mask is None:
+            return [float(v) for v in self.labels.mean(dim=0)]
+        rows = self.mask.sum(dim=0)
+        sums = (self.labels * self.mask).sum(dim=0)
+        return [float(s / r) if r > 0 else float("nan") for s, r in zip(sums, rows, strict=True)]
+
+    def task_rows(self) -> list[int]:
+        """Rows per task (every row when there is no mask)."""
+        if self.mask is None:
+            return [len(self)] * self.labels.shape[1]
+        return [int(v) for v in self.mask.sum(dim=0)]
 
 
 @dataclass
@@ -102,7 +137,10 @@ class MultiTaskData:
             rates = ", ".join(
                 f"{t} {r:.3f}" for t, r in zip(self.task_names, split.positive_rate(), strict=True)
             )
-            lines.append(f"  {split_name:5s} {len(split):7d} rows; positive rate {rates}")
+            line = f"  {split_name:5s} {len(split):7d} rows; positive rate {rates}"
+            if split.mask is not None:
+                line += "; rows per task " + ", ".join(str(r) for r in split.task_rows())
+            lines.append(line)
         return "\n".join(lines)
 
 

