@@ -361,6 +361,17 @@ def all_methods(include_torchjd: bool = True, device_type: str = "cpu") -> list[
         pub(f"grad-{s}", f"gradient space, {s} ({paper})", strategy=s, space="gradient")
         for s, paper in GRAD_STRATEGIES.items()
     ]
+    if "state" in inspect.signature(PUB).parameters:  # the state and space axes
+        methods += [
+            pub("pub-pareto-marginal", "PUB marginal space, pareto", strategy="pareto",
+                space="marginal"),
+            pub("pub-pareto-diagnostics", "PUB update space, pareto, diagnostics=True",
+                strategy="pareto", diagnostics=True),
+            pub("pub-pareto-per-task", "PUB per-task state, pareto (eager)", strategy="pareto",
+                state="per_task"),
+            pub("pub-pareto-per-task-marginal", "PUB per-task state, marginal, pareto (eager)",
+                strategy="pareto", state="per_task", space="marginal"),
+        ]  # fmt: skip
     methods += [
         pub(
             f"pub-pareto-se10-{tag}",

@@ -150,11 +150,12 @@ def plot(results: dict[str, dict], out: Path, scale: float) -> None:
         ("attributable_scaled", "attributable share ||d-d0||/||d||, x100 task"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    colours = {name: f"C{i}" for i, name in enumerate(results)}  # one colour per variant
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name, result in results.items():
             values = np.asarray(result["trace"][key], dtype=float)
             if np.isfinite(values).any():
-                ax.plot(values, label=name, linewidth=1)
+                ax.plot(values, label=name, linewidth=1, color=colours[name])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)

@@ -181,6 +181,12 @@ class PUB(torch.optim.Optimizer):
             raise TypeError(f"PUB wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, PUB):
             raise TypeError("the optimizer is already wrapped in PUB")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "PUB cannot wrap LBFGS: its step() re-evaluates the loss through a closure, and "
+                "PUB steps on per-task gradients it already holds (no closure); use an "
+                "elementwise optimizer (SGD, Adam, AdamW, RMSprop, Adagrad, ...)"
+            )
         if space not in SPACES:
             raise ValueError(f"space must be one of {list(SPACES)}, got {space!r}")
         if state not in STATE_MODES:
@@ -285,8 +291,8 @@ class PUB(torch.optim.Optimizer):
         # each task's gradient as autograd returned it (None: the task did not reach it).
         self._task_rows: list[list[Tensor | None]] | None = None
         self._reached: list[bool] = []
-        # Per shared parameter: (id, version counter, norm) of its .grad after backward; the norm
-        # is a float, or a 0-d device tensor with sync_free.
+        # Per shared parameter: (id, version counter, largest absolute value) of its .grad after
+        # backward; the value is a float, or a 0-d device tensor with sync_free.
         self._grad_marks: list[tuple[int, int, float | Tensor] | None] = []
         self._pending: Literal["full", "weighted"] | None = None
         self._losses_finite: Tensor | None = None  # sync_free: all losses since zero_grad
@@ -361,9 +367,15 @@ class PUB(torch.optim.Optimizer):
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer (as ``torch.optim.Optimizer.add_param_group``);
+        refused, with the group not added, if the look-ahead cannot reproduce its options."""
         self.optimizer.add_param_group(param_group)
         if self._transform is not None:
-            self._transform.validate_group(self.optimizer.param_groups[-1])
+            try:
+                self._transform.validate_group(self.optimizer.param_groups[-1])
+            except Exception:
+                self.optimizer.param_groups.pop()  # nothing changed
+                raise
         self._shared = None  # rediscover the partition on the next backward
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -703,14 +715,15 @@ class PUB(torch.optim.Optimizer):
 
     def _record_grad_marks(self) -> None:
         """Remember the shared ``.grad`` tensors, to detect changes made before :meth:`step`:
-        their identity, version counter and norm. The norm is needed because some in-place
-        kernels do not bump the version counter: ``GradScaler.unscale_``'s
+        their identity, version counter and largest absolute value (the infinity norm, which
+        cannot overflow for finite values). The value is needed because some in-place kernels do
+        not bump the version counter: ``GradScaler.unscale_``'s
         ``_amp_foreach_non_finite_check_and_unscale_`` is one (torch 2.13)."""
         shared = self._shared or []
         with_grad = [p.grad for p in shared if p.grad is not None]
         norms: list[float | Tensor] = []
         if with_grad:
-            stacked = torch.stack(torch._foreach_norm(with_grad))
+            stacked = torch.stack(_max_abs(with_grad))
             norms = list(stacked.unbind()) if self.sync_free else stacked.tolist()
         values = iter(norms)
         self._grad_marks = [
@@ -927,7 +940,7 @@ class PUB(torch.optim.Optimizer):
         grads = [self._shared[i].grad for i in active]
         if not grads:
             return []
-        norms = torch.stack(torch._foreach_norm(grads))  # type: ignore[arg-type]
+        norms = torch.stack(_max_abs(grads))  # type: ignore[arg-type]
         return norms if self.sync_free else norms.tolist()
 
     def _sync_free_step(
@@ -948,7 +961,7 @@ class PUB(torch.optim.Optimizer):
         if self._losses_finite is not None:
             ok = ok & self._losses_finite.to(device)
         if self.check_finite and nonshared:
-            norms = torch._foreach_norm([p.grad for p in nonshared])  # type: ignore[misc]
+            norms = _max_abs([p.grad for p in nonshared])  # type: ignore[misc]
             ok = ok & torch.isfinite(torch.stack(norms)).all()
         previous = self._weights
         if previous is None:
@@ -1078,7 +1091,7 @@ class PUB(torch.optim.Optimizer):
     def _check_finite_grads(self, params: list[Tensor]) -> None:
         if not self.check_finite or not params:
             return
-        norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+        norms = _max_abs([p.grad for p in params if p.grad is not None])
         if norms and not bool(torch.isfinite(torch.stack(norms)).all()):
             raise FloatingPointError(
                 "non-finite gradients on the task-specific parameters: the step was skipped and "
@@ -1225,6 +1238,15 @@ def _sum_rows(rows: Sequence[Tensor | None], out: Tensor | None = None) -> Tenso
     for g in present[2:]:
         total.add_(g)
     return total
+
+
+def _max_abs(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Per tensor, the largest absolute value (the infinity norm): finite exactly when every value
+    is, for any finite values (a 2-norm of float32 values above about 1.8e19 overflows), and
+    changed by any uniform rescaling, which is what the ``.grad`` change detection needs."""
+    if not tensors:
+        return ()
+    return tuple(torch._foreach_norm(list(tensors), ord=math.inf))
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
