@@ -120,7 +120,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Every check of the parsed options that needs neither data nor training."""
     _check_numbers(args)
     _check_data(args)
-    _check_routing(args.model, model_options(args))
+    if getattr(args, "model", None) is not None:  # fit and demo
+        _check_routing(args.model, model_options(args))
     if getattr(args, "out", None) is not None:
         from .outputs import refuse_unsafe
 

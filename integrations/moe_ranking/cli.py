@@ -1,4 +1,5 @@
-"""Command line: ``fit`` (one training run) and ``demo`` (the main job: Adult, equal vs pareto).
+"""Command line: ``fit`` (one training run), ``demo`` (the main job: Adult, equal vs pareto) and
+``predict`` (one task's scores from a ``fit`` run's ``model.pt``).
 
 Examples::
 
@@ -6,6 +7,7 @@ Examples::
     python -m integrations.moe_ranking fit --data adult --model mmoe --balancer pareto
     python -m integrations.moe_ranking fit --data movielens --model ple --esmm --balancer equal
     python -m integrations.moe_ranking fit --data aliexpress --data-dir data --country NL
+    python -m integrations.moe_ranking predict --run outputs/run --task income --out scores.csv
 
 Exit status: 0 on success, 2 for a problem the user can fix (bad option, missing or invalid data;
 the message says what to do), 130 when interrupted. A failed run leaves no output folder behind.
@@ -18,6 +20,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -143,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multi-task ranking models trained with and without Parameter Update "
         "Balancing (PUB).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,demo,predict}")
     fit = sub.add_parser("fit", help="train one model and write metrics and a plot")
     fit.add_argument("--data", choices=DATASETS, default="adult")
     fit.add_argument("--balancer", choices=BALANCER_CHOICES, default="equal")
@@ -193,6 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"output folder (default {DEMO_OUT}, replaced on re-runs; an explicit folder that "
         "is not empty needs --overwrite)",
     )
+    predict = sub.add_parser(
+        "predict",
+        help="score the test rows for one task with a fit run's model.pt (only that task's "
+        "tower runs)",
+    )
+    predict.add_argument("--run", type=Path, required=True, help="the --out folder of a fit run")
+    predict.add_argument("--task", required=True, help="the task to score (one of the run's)")
+    predict.add_argument("--out", type=Path, required=True, help="CSV file: row,logit,probability")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    predict.add_argument(
+        "--data-path", type=Path, help="adult: where the Adult file is now (default: the run's)"
+    )
+    predict.add_argument(
+        "--data-dir", type=Path, help="aliexpress, movielens: where the files are now"
+    )
+    predict.add_argument("--batch-size", type=_positive_int, default=4096)
+    predict.add_argument("--threads", type=_positive_int, default=1)
     return parser
 
 
@@ -289,6 +309,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     from .data import load_data
     from .outputs import atomic_output_dir, check_output_dir
+    from .serving import MODEL_FILE, save_model
     from .training import TrainConfig, make_balancer_callback, run_training
 
     torch.set_num_threads(args.threads)
@@ -326,6 +347,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     with atomic_output_dir(out, overwrite, replace_own) as folder:
         title = f"{data.name}, {args.model}{suffix}, {args.balancer}, seed {args.seed}"
         write_run(folder, result, title)
+        save_model(folder / MODEL_FILE, result.model, asdict(result.config), data)
     print(f"\n{data.name} / {args.model}{suffix} / {args.balancer}: test metrics "
           f"(best epoch {result.best_epoch + 1}, {result.wall_time_s:.0f} s)")  # fmt: skip
     print(format_table({args.balancer: result}, "auc"))
@@ -334,7 +356,39 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"expert load (last epoch): dead experts {dead}")
     files = "metrics.json, history.csv, task_weights.csv, plot.png"
     files += ", experts.png" if (out / "experts.png").exists() else ""
-    print(f"wrote {out}/ ({files})")
+    print(f"wrote {out}/ ({files}, {MODEL_FILE})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Score the test rows for one task with a fit run's model (only that task's tower runs)."""
+    import torch
+
+    from .serving import (
+        build_saved_model,
+        check_output_file,
+        load_data_for,
+        predict,
+        read_run,
+        write_scores,
+    )
+
+    torch.set_num_threads(args.threads)
+    run = read_run(args.run)  # before any data: the run folder, its model file and the task
+    run.check_task(args.task)
+    check_output_file(args.out, args.overwrite)
+    model = build_saved_model(run)
+    overrides: dict[str, Any] = {}
+    if args.data_path is not None:
+        overrides["path"] = str(args.data_path)
+    if args.data_dir is not None:
+        key = "root" if run.config["data"] == "aliexpress" else "data_dir"
+        overrides[key] = str(args.data_dir)
+    data = load_data_for(run, **overrides)
+    rows, logits = predict(model, data.test, args.task, batch_size=args.batch_size)
+    write_scores(args.out, rows, logits)
+    print(f"{data.name} / {run.config['model']}: scored {len(rows)} of {len(data.test)} test "
+          f"rows for task {args.task}; wrote {args.out}")  # fmt: skip
     return 0
 
 
@@ -345,6 +399,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .data import load_adult
     from .outputs import atomic_output_dir, check_output_dir, write_json
     from .plots import plot_runs
+    from .serving import MODEL_FILE, save_model
     from .training import TrainConfig, make_balancer_callback, run_training
 
     start = time.perf_counter()
@@ -386,6 +441,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for balancer, result in results.items():
             (folder / balancer).mkdir()
             write_run(folder / balancer, result, f"adult, {args.model}, {balancer}")
+            save_model(folder / balancer / MODEL_FILE, result.model, asdict(result.config), data)
         plot_runs(results, folder / "comparison.png", title=f"Adult, {args.model}: equal vs pareto")
         summary = {
             "test_auc": {b: {t: r.test_auc(t) for t in r.task_names} for b, r in results.items()},
@@ -413,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "fit":
             return cmd_fit(args)
+        if args.command == "predict":
+            return cmd_predict(args)
         return cmd_demo(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -201,7 +201,7 @@ def test_fit_writes_metrics_and_plot(tmp_path: Path, capsys, model: str, extra: 
     # MoE models also draw the experts' share per task.
     heatmap = ["experts.png"]
     assert sorted(p.name for p in out.iterdir()) == [
-        MARKER, *heatmap, "history.csv", "metrics.json", "plot.png", "task_weights.csv"
+        MARKER, *heatmap, "history.csv", "metrics.json", "model.pt", "plot.png", "task_weights.csv"
     ]  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["model"] == model
