@@ -116,7 +116,7 @@ class RankingModule(pl.LightningModule):
         self.expert_load = ExpertLoad()
         self.last_expert_load: dict[str, float] = {}
         self._loss_sums: dict[str, float] = {}
-        self._loss_count = 0
+        self._loss_rows: dict[str, int] = {}
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
         """The model's declared shared parameters (used by ``UpdateBalancing``)."""
@@ -139,24 +139,26 @@ class RankingModule(pl.LightningModule):
         n = batch["labels"].shape[0]
         self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
         self.expert_load.update(self.model.expert_usage())
-        self._loss_sums["train/loss"] = (
-            self._loss_sums.get("train/loss", 0.0) + float(total.detach()) * n
-        )
-        for t, loss in losses.items():
-            key = f"train/loss/{t}"
-            self._loss_sums[key] = self._loss_sums.get(key, 0.0) + float(loss.detach()) * n
-        self._loss_count += n
+        mask = batch.get("task_mask")
+        rows = {"train/loss": n}
+        for i, t in enumerate(self.task_names):  # a task's mean over its own rows (task mask)
+            rows[f"train/loss/{t}"] = n if mask is None else int(mask[:, i].sum())
+        values = {"train/loss": total, **{f"train/loss/{t}": v for t, v in losses.items()}}
+        for key, value in values.items():
+            self._loss_sums[key] = self._loss_sums.get(key, 0.0) + float(value.detach()) * rows[key]
+            self._loss_rows[key] = self._loss_rows.get(key, 0) + rows[key]
         return {"loss": total, "task_losses": losses}
 
     def epoch_train_stats(self) -> dict[str, float]:
-        """Mean training losses and expert-load statistics of the current epoch so far."""
-        stats = {k: v / max(self._loss_count, 1) for k, v in self._loss_sums.items()}
+        """Mean training losses (per row; per task over the task's rows) and expert-load
+        statistics of the current epoch so far."""
+        stats = {k: v / max(self._loss_rows[k], 1) for k, v in self._loss_sums.items()}
         stats.update(self.expert_load.compute())
         return stats
 
     def on_train_epoch_start(self) -> None:
         self.expert_load.reset()
-        self._loss_sums, self._loss_count = {}, 0
+        self._loss_sums, self._loss_rows = {}, {}
 
     def on_train_epoch_end(self) -> None:
         stats = self.expert_load.compute()

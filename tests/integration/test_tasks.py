@@ -91,6 +91,33 @@ def test_training_module_uses_the_mask(synthetic: MultiTaskData) -> None:
         torch.testing.assert_close(losses[t], plain + aux[t])
 
 
+def test_epoch_training_loss_is_the_mean_over_the_task_rows(synthetic: MultiTaskData) -> None:
+    from integrations.moe_ranking.training import RankingModule
+
+    data = _with_mask(synthetic, seed=2)
+    torch.manual_seed(0)
+    module = RankingModule(build_model("shared-bottom", data))
+    module.log = lambda *args, **kwargs: None  # no Trainer here
+    module.on_train_epoch_start()
+    per_row: dict[str, list[torch.Tensor]] = {t: [] for t in data.task_names}
+    for start in (0, 50, 150):
+        batch = data.train.batch(slice(start, start + 50 + start // 3))
+        module.training_step(batch, 0)
+        with torch.no_grad():
+            logits = module.model(batch)
+        for i, t in enumerate(data.task_names):
+            rows = batch["task_mask"][:, i]
+            per_row[t].append(
+                F.binary_cross_entropy_with_logits(
+                    logits[t][rows], batch["labels"][rows, i], reduction="none"
+                )
+            )
+    stats = module.epoch_train_stats()
+    for t in data.task_names:
+        expected = torch.cat(per_row[t]).mean()
+        assert stats[f"train/loss/{t}"] == pytest.approx(float(expected), rel=1e-5)
+
+
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Mann-Whitney AUC (ties count one half)."""
     pos, neg = scores[labels == 1], scores[labels == 0]
