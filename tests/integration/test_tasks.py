@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from integrations.moe_ranking import data as data_package
 from integrations.moe_ranking.cli import main
@@ -61,6 +63,36 @@ def test_masked_loss_is_the_mean_over_the_task_rows(seed: int) -> None:
         assert torch.all(grads[i][~mask[:, i]] == 0) and torch.any(grads[i][mask[:, i]] != 0)
     unmasked = task_bce(logits, labels, tasks)
     torch.testing.assert_close(unmasked["d"], losses["d"])  # all rows: the plain mean
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 5),
+    seed=st.integers(0, 2**31 - 1),
+    p=st.floats(0.0, 1.0),
+)
+def test_masked_loss_equals_the_loss_of_the_task_sub_batch(n: int, k: int, seed: int, p: float):
+    """Invariant: the masked loss of a task is the plain mean loss of the batch cut to its rows;
+    rows outside it can hold anything (labels and logits) without changing it."""
+    g = torch.Generator().manual_seed(seed)
+    tasks = tuple(f"t{i}" for i in range(k))
+    logits = {t: 3 * torch.randn(n, generator=g, dtype=torch.float64) for t in tasks}
+    labels = (torch.rand(n, k, generator=g) < 0.5).to(torch.float64)
+    mask = torch.rand(n, k, generator=g) < p
+    losses = task_bce(logits, labels, tasks, mask)
+    noisy = {t: torch.where(mask[:, i], z, 50 * torch.randn(n, generator=g, dtype=torch.float64))
+             for i, (t, z) in enumerate(logits.items())}  # fmt: skip
+    flipped = torch.where(mask, labels, 1 - labels)
+    again = task_bce(noisy, flipped, tasks, mask)
+    for i, t in enumerate(tasks):
+        rows = mask[:, i]
+        if rows.any():
+            sub = task_bce({t: logits[t][rows]}, labels[rows][:, i : i + 1], (t,))
+            torch.testing.assert_close(losses[t], sub[t])
+        else:
+            assert float(losses[t]) == 0.0
+        torch.testing.assert_close(again[t], losses[t])
 
 
 def _with_mask(data: MultiTaskData, seed: int = 0) -> MultiTaskData:
