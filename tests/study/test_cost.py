@@ -29,6 +29,27 @@ def test_k_task_variant(data) -> None:
     assert cost.with_tasks(data, 1).train.labels.shape == (300, 1)
 
 
+def test_k_task_variant_keeps_a_task_mask(data) -> None:
+    mask = torch.rand(data.train.labels.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    masked = dataclasses.replace(data, train=dataclasses.replace(data.train, mask=mask))
+    five = cost.with_tasks(masked, 5).train
+    assert five.mask is not None and five.mask.shape == (300, 5)
+    assert torch.equal(five.mask[:, :2], mask) and bool(five.mask[:, 2:].all())
+    one = cost.with_tasks(masked, 1).train
+    assert one.mask is not None and torch.equal(one.mask, mask[:, :1])
+    # the cost problem's losses use the mask: each task's mean over its own rows
+    model = cost.build_model("mmoe", masked)
+    batch = masked.train.batch(slice(0, 64))
+    losses = cost.task_losses(model, batch)
+    logits = model(batch)
+    for i, t in enumerate(masked.task_names):
+        rows = batch["task_mask"][:, i]
+        plain = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits[t][rows], batch["labels"][rows, i]
+        )
+        torch.testing.assert_close(losses[t], plain)
+
+
 @pytest.mark.parametrize("method", cost.COST_METHODS)
 def test_every_method_takes_a_step(data, method: str) -> None:
     if method == "torchjd-upgrad":
