@@ -285,6 +285,11 @@ class PUB(torch.optim.Optimizer):
         # Per-step state (not persisted: dropped by zero_grad and step).
         self._shared: list[Tensor] | None = None
         self._owners: dict[int, list[int]] = {}
+        # Optimizer parameters that no task reached at discovery (a layer used after a warm-up,
+        # a frozen one): offered to every task's backward pass, they join the side their reach
+        # puts them on at the next step (``_join_newly_reached``).
+        self._unreached: list[Tensor] = []
+        self._newly_reached: dict[int, set[int]] = {}
         self._by_task: list[list[Tensor]] | None = None
         self._task_grads: list[Tensor] = []
         # Instead of the buffers when the step runs the compiled kernels: per shared parameter,
@@ -561,9 +566,28 @@ class PUB(torch.optim.Optimizer):
                 )
         self._shared = shared
         self._owners = owners
+        shared_ids = {id(p) for p in shared}
+        self._unreached = [p for p in params if not owners[id(p)] and id(p) not in shared_ids]
+        self._newly_reached = {}
         self._by_task = None
         self._task_grads = []
         self._task_rows = None
+
+    def _join_newly_reached(self) -> None:
+        """Parameters first reached in the last steps join the partition: shared when several
+        tasks reach them (unless ``shared_params`` was given), else the reaching task's own."""
+        if not self._newly_reached or self._shared is None:
+            return
+        for p in list(self._unreached):
+            tasks = self._newly_reached.get(id(p))
+            if not tasks:
+                continue
+            self._unreached.remove(p)
+            self._owners[id(p)] = sorted(tasks)
+            if self._explicit_shared is None and len(tasks) > 1:
+                self._shared = [*self._shared, p]
+        self._newly_reached = {}
+        self._by_task = None
 
     def _nonshared_by_task(self) -> list[list[Tensor]]:
         """Per task, the non-shared parameters its loss reaches (computed with the partition)."""
@@ -594,9 +618,10 @@ class PUB(torch.optim.Optimizer):
         total = sum(w * loss.reshape(()) for w, loss in zip(weights, losses, strict=True))
         assert isinstance(total, Tensor)
         by_task = self._nonshared_by_task()
-        inputs = list(self._shared) + [p for ps in by_task for p in ps]
-        scales = [1.0] * len(self._shared) + [
-            1.0 / weights[k] for k, ps in enumerate(by_task) for _ in ps
+        live = [p for p in self._shared if p.requires_grad]  # frozen ones are skipped
+        inputs = live + [p for ps in by_task for p in ps if p.requires_grad]
+        scales = [1.0] * len(live) + [
+            1.0 / weights[k] for k, ps in enumerate(by_task) for p in ps if p.requires_grad
         ]
         grads = torch.autograd.grad(total, inputs, allow_unused=True)
         for p, g, scale in zip(inputs, grads, scales, strict=True):
@@ -606,9 +631,11 @@ class PUB(torch.optim.Optimizer):
 
     def _backward_per_task(self, losses: list[Tensor], retain_graph: bool) -> None:
         assert self._shared is not None
+        first = self._pending is None
+        if first:
+            self._join_newly_reached()
         shared = self._shared
         num_tasks = len(losses)
-        first = self._pending is None
         if first:
             self._reached = [False] * len(shared)
             if self._keeps_rows(num_tasks):
@@ -619,17 +646,41 @@ class PUB(torch.optim.Optimizer):
         elif self._task_rows is not None:
             self._stack_rows()  # accumulating into them: one buffer per parameter from now on
         by_task = self._nonshared_by_task()
+        # Frozen parameters (requires_grad=False) are skipped, as torch optimizers skip them.
+        live = [i for i, p in enumerate(shared) if p.requires_grad]
+        unreached = [p for p in self._unreached if p.requires_grad]
+        missing: list[int] = []
         for k, loss in enumerate(losses):
-            inputs = list(shared) + by_task[k]
+            own = [p for p in by_task[k] if p.requires_grad]
+            inputs = [shared[i] for i in live] + own + unreached
             keep = retain_graph or k < num_tasks - 1
             # The gradient tuple lives only for the call (what is kept of it: the shared
             # parameters' gradients, copied into the buffers or kept as they are): it is freed
             # before the next task's backward pass.
-            self._store_task_grads(
-                k,
-                by_task[k],
-                torch.autograd.grad(loss.reshape(()), inputs, retain_graph=keep, allow_unused=True),
-                first,
+            grads = torch.autograd.grad(
+                loss.reshape(()), inputs, retain_graph=keep, allow_unused=True
+            )
+            if all(g is None for g in grads):
+                missing.append(k)
+            shared_grads: list[Tensor | None] = [None] * len(shared)
+            for j, i in enumerate(live):
+                shared_grads[i] = grads[j]
+            rest = grads[len(live) :]
+            self._store_task_grads(k, own, shared_grads + list(rest[: len(own)]), first)
+            for p, g in zip(unreached, rest[len(own) :], strict=True):
+                if g is not None:  # trains now (its gradient in .grad); joins at the next step
+                    _accumulate(p, g)
+                    self._newly_reached.setdefault(id(p), set()).add(k)
+            del grads, rest, shared_grads
+        if missing:
+            assert self._task_names is not None
+            names = [self._task_names[k] for k in missing]
+            raise ValueError(
+                f"the loss of task(s) {names} reaches no trainable parameter of the wrapped "
+                "optimizer in this step (frozen, or not part of its graph any more): keep each "
+                "task connected (a task with nothing to learn returns 0 * output.sum()). The "
+                "parameters and optimizer state are unchanged; call zero_grad() before the next "
+                "backward"
             )
         if first:
             # .grad of a shared parameter: this backward's sum over tasks, one pass over K x P.

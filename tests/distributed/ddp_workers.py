@@ -90,7 +90,14 @@ def _flat(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-CONFIGS = {"every-step": (1, 1), "solve-every-2": (2, 1), "accumulate-2-no_sync": (1, 2)}
+CONFIGS: dict[str, tuple[int, int, dict[str, Any]]] = {
+    "every-step": (1, 1, {}),
+    "solve-every-2": (2, 1, {}),
+    "accumulate-2-no_sync": (1, 2, {}),
+    "per-task-state": (1, 1, {"state": "per_task"}),
+    "per-task-solve-every-2": (2, 1, {"state": "per_task", "between_solves": "reuse_weights"}),
+    "marginal-space": (1, 1, {"space": "marginal", "diagnostics": True}),
+}
 
 
 def equivalence(rank: int) -> dict[str, Any]:
@@ -109,14 +116,19 @@ def edge_cases(rank: int) -> dict[str, Any]:
 
 
 def matches_single_process(
-    rank: int, solve_every: int, accumulate: int, steps: int = 4, batch: int = 8
+    rank: int,
+    solve_every: int,
+    accumulate: int,
+    options: dict[str, Any],
+    steps: int = 4,
+    batch: int = 8,
 ) -> dict[str, Any]:
     """DDP PUB on 2 ranks x ``batch`` vs single-process PUB on ``2 * batch`` (float64)."""
     torch.set_default_dtype(torch.float64)
     data = batches(steps, WORLD * batch)
     # reference: one process, the whole batch
     ref = TwoTask()
-    ref_opt = PUB(torch.optim.Adam(ref.parameters(), lr=1e-2), solve_every=solve_every)
+    ref_opt = PUB(torch.optim.Adam(ref.parameters(), lr=1e-2), solve_every=solve_every, **options)
     for x, y in data:
         ref_opt.zero_grad()
         ref_opt.backward(task_losses(ref(x), y))
@@ -125,7 +137,7 @@ def matches_single_process(
     model = TwoTask()
     ddp = DistributedDataParallel(model)
     sync = GradientAllReduce(ddp)
-    opt = PUB(torch.optim.Adam(ddp.parameters(), lr=1e-2), solve_every=solve_every)
+    opt = PUB(torch.optim.Adam(ddp.parameters(), lr=1e-2), solve_every=solve_every, **options)
     opt.gradient_sync = sync
     for x, y in data:
         xs, ys = x[rank * batch : (rank + 1) * batch], y[rank * batch : (rank + 1) * batch]
