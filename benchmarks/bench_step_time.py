@@ -623,7 +623,7 @@ def instrument_pub(opt: PUB, timer: PhaseTimer) -> None:
     )
     for obj, attr, name in (
         (opt, "_check_losses", "check_losses"),
-        (opt, "_carry_over_grad_changes", "carry_over"),
+        (opt._grads, "carry_over", "carry_over"),
         (transform, "begin", "begin"),
         (engine, "gram", "gram"),
         (engine, "_gram_fused", "gram_fused"),

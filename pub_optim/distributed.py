@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .wrapper import GradientView, task_sum
+from .task_gradients import task_sum
+from .wrapper import GradientView
 
 __all__ = ["GradientAllReduce", "SyncStats", "is_distributed"]
 

@@ -18,17 +18,26 @@ balances ``d_k - d_0``, the part of each update that the task's gradient account
 (:mod:`pub_optim.spaces`). ``state="per_task"`` gives every task its own optimizer state
 (:mod:`pub_optim.task_states`).
 
-A step goes one way: :meth:`PUB.backward` collects the per-task gradients; :meth:`PUB.step`
-carries over ``.grad`` edits, then hands them to the path chosen at construction: the exact
-engine (:mod:`pub_optim.exact_step`: look-ahead, Gram matrices, weights, apply; on the device
-with ``sync_free``) or the combined step (the generic snapshot look-ahead, and the gradient
-space).
+This module is the ``torch.optim`` facade; a step goes one way through the package, one module
+per axis:
+
+* losses -> per-task gradients: :mod:`pub_optim.task_gradients` (the partition, the per-task
+  backward passes, the carry-over of ``.grad`` edits);
+* -> look-ahead updates from which state: :mod:`pub_optim.transforms` (one transform per optimizer
+  family) reading the shared state or :mod:`pub_optim.task_states`;
+* -> Gram matrices in which space: :mod:`pub_optim.exact_step` (eager blocks or the compiled
+  kernels) and :mod:`pub_optim.spaces`;
+* -> weights: :mod:`pub_optim.strategies` (on the device with ``sync_free``:
+  :mod:`pub_optim.solvers.device`);
+* -> apply: :mod:`pub_optim.exact_step` again, or, for optimizers without an exact transform and
+  for the gradient space, the wrapped optimizer's own ``step()`` (:meth:`PUB._combined_step`,
+  :mod:`pub_optim.transforms.generic`);
+* -> what was seen: :mod:`pub_optim.stats`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,10 +47,10 @@ import torch
 from torch import Tensor
 
 from .exact_step import ExactStepEngine, TaskGrads
-from .partition import task_owners
 from .spaces import SPACES, Space, StepGrams, drift_weight
 from .stats import BalanceStats
 from .strategies import StrategyLike, UpdateBalancer, get_strategy
+from .task_gradients import NONFINITE_SHARED, TaskGradients, max_abs
 from .task_states import TaskStates
 from .transforms import UpdateTransform, exact_transform_for
 from .transforms.base import ParamContext
@@ -78,8 +87,6 @@ class GradientView:
 
 
 GradientSync = Callable[[GradientView], None]
-#: A changed ``.grad`` to carry over: (its per-task gradients, their sum, the ``.grad`` now).
-_Changed = tuple[Tensor | list[Tensor | None], Tensor, Tensor]
 
 
 class PUB(torch.optim.Optimizer):
@@ -282,24 +289,9 @@ class PUB(torch.optim.Optimizer):
         self._weights: Tensor | None = None
         self._step_count = 0
         self.last_stats: BalanceStats | None = None
-        # Per-step state (not persisted: dropped by zero_grad and step).
-        self._shared: list[Tensor] | None = None
-        self._owners: dict[int, list[int]] = {}
-        # Optimizer parameters that no task reached at discovery (a layer used after a warm-up,
-        # a frozen one): offered to every task's backward pass, they join the side their reach
-        # puts them on at the next step (``_join_newly_reached``).
-        self._unreached: list[Tensor] = []
-        self._newly_reached: dict[int, set[int]] = {}
-        self._by_task: list[list[Tensor]] | None = None
-        self._task_grads: list[Tensor] = []
-        # Instead of the buffers when the step runs the compiled kernels: per shared parameter,
-        # each task's gradient as autograd returned it (None: the task did not reach it).
-        self._task_rows: list[list[Tensor | None]] | None = None
-        self._reached: list[bool] = []
-        # Per shared parameter: (id, version counter, largest absolute value) of its .grad after
-        # backward; the value is a float, or a 0-d device tensor with sync_free.
-        self._grad_marks: list[tuple[int, int, float | Tensor] | None] = []
-        self._pending: Literal["full", "weighted"] | None = None
+        # Step 1: the per-task gradients and the partition (not persisted: dropped by zero_grad
+        # and step; the partition is kept).
+        self._grads = TaskGradients(optimizer, self._explicit_shared, sync_free)
         self._losses_finite: Tensor | None = None  # sync_free: all losses since zero_grad
         self.last_step_skipped: Tensor | None = None
         """``sync_free=True``: whether the last step was skipped for non-finite values (a 0-d
@@ -381,12 +373,11 @@ class PUB(torch.optim.Optimizer):
             except Exception:
                 self.optimizer.param_groups.pop()  # nothing changed
                 raise
-        self._shared = None  # rediscover the partition on the next backward
+        self._grads.forget_partition()  # rediscover the partition on the next backward
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._pending = None
-        self._task_rows = None
+        self._grads.reset()
         self._losses_finite = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -457,7 +448,7 @@ class PUB(torch.optim.Optimizer):
         self._task_names = None if names is None else tuple(names)
         weights = pub.get("weights")
         self._weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
-        self._pending = None
+        self._grads.reset()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -475,27 +466,30 @@ class PUB(torch.optim.Optimizer):
         logging work on them as on any optimizer; see :meth:`step` for how changes to it are
         carried over). Calling it several times before :meth:`step` accumulates.
         """
-        _, tensors = self._check_losses(losses)
-        if self._shared is None:
-            self._discover(tensors)
-        assert self._shared is not None
-        weighted = self._pending != "full" and self._use_weighted_backward()
+        names, tensors = self._check_losses(losses)
+        grads = self._grads
+        grads.task_names = names
+        if grads.shared is None:
+            grads.discover(tensors)
+        assert grads.shared is not None
+        weighted = grads.pending != "full" and self._use_weighted_backward()
         with torch.enable_grad():
             if weighted:
-                self._backward_weighted(tensors)
+                assert self._weights is not None
+                grads.backward_weighted(tensors, self._weights.tolist())
             else:
-                self._backward_per_task(tensors, retain_graph)
+                grads.backward_per_task(tensors, retain_graph, self._keeps_rows(len(tensors)))
+        full = grads.pending == "full"
         if self.gradient_sync is not None:
-            shared_ids = {id(p) for p in self._shared}
+            shared_ids = {id(p) for p in grads.shared}
             others = [p for p in self._all_params() if id(p) not in shared_ids]
-            full = self._pending == "full"
             self.gradient_sync(
                 GradientView(
-                    list(self._shared), self._task_grads if full else None, self._reached, others
+                    list(grads.shared), grads.buffers if full else None, grads.reached, others
                 )
             )
-        if self._pending == "full":  # once, after the hook: what step() compares against
-            self._record_grad_marks()
+        if full:  # once, after the hook: what step() compares against
+            grads.record_marks()
 
     def _check_losses(self, losses: TaskLosses) -> tuple[tuple[str, ...], list[Tensor]]:
         named = split_task_losses(losses)
@@ -545,62 +539,14 @@ class PUB(torch.optim.Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def _discover(self, losses: list[Tensor]) -> None:
-        params = self._all_params()
-        owners = task_owners(losses, params)
-        assert self._task_names is not None
-        for k, name in enumerate(self._task_names):
-            if not any(k in ts for ts in owners.values()):
-                raise ValueError(
-                    f"the loss of task {name!r} reaches no parameter of the wrapped optimizer: "
-                    "add the parameters it depends on to the optimizer"
-                )
-        if self._explicit_shared is not None:
-            shared = self._explicit_shared
-        else:
-            shared = [p for p in params if len(owners[id(p)]) > 1]
-            if not shared:
-                raise ValueError(
-                    "no parameter is reached by more than one task, so there is nothing to "
-                    "balance: pass shared_params explicitly, or use the plain optimizer"
-                )
-        self._shared = shared
-        self._owners = owners
-        shared_ids = {id(p) for p in shared}
-        self._unreached = [p for p in params if not owners[id(p)] and id(p) not in shared_ids]
-        self._newly_reached = {}
-        self._by_task = None
-        self._task_grads = []
-        self._task_rows = None
-
-    def _join_newly_reached(self) -> None:
-        """Parameters first reached in the last steps join the partition: shared when several
-        tasks reach them (unless ``shared_params`` was given), else the reaching task's own."""
-        if not self._newly_reached or self._shared is None:
-            return
-        for p in list(self._unreached):
-            tasks = self._newly_reached.get(id(p))
-            if not tasks:
-                continue
-            self._unreached.remove(p)
-            self._owners[id(p)] = sorted(tasks)
-            if self._explicit_shared is None and len(tasks) > 1:
-                self._shared = [*self._shared, p]
-        self._newly_reached = {}
-        self._by_task = None
-
-    def _nonshared_by_task(self) -> list[list[Tensor]]:
-        """Per task, the non-shared parameters its loss reaches (computed with the partition)."""
-        if self._by_task is None:
-            assert self._shared is not None and self._task_names is not None
-            shared_ids = {id(p) for p in self._shared}
-            by_task: list[list[Tensor]] = [[] for _ in self._task_names]
-            for p in self._all_params():
-                if id(p) not in shared_ids:
-                    for k in self._owners.get(id(p), []):
-                        by_task[k].append(p)
-            self._by_task = by_task
-        return self._by_task
+    def _keeps_rows(self, num_tasks: int) -> bool:
+        """Whether this backward keeps each task's gradients as autograd returned them, instead of
+        copying them into ``[K, *shape]`` buffers: when the step reads them with the compiled
+        kernels, and no ``gradient_sync`` hook needs the buffers."""
+        if self.sync_free or self.gradient_sync is not None or self._engine is None:
+            return False
+        assert self._grads.shared is not None
+        return self._engine.fused_enabled(self._grads.shared, num_tasks)
 
     def _use_weighted_backward(self) -> bool:
         if self.solve_every == 1 or self.between_solves != "weighted_gradient":
@@ -609,179 +555,8 @@ class PUB(torch.optim.Optimizer):
             return False
         if not bool((self._weights > 0).all()):
             return False  # a zero weight would lose that task's own parameters' gradient
-        shared_ids = {id(p) for p in self._shared or []}
-        return all(len(ts) <= 1 for pid, ts in self._owners.items() if pid not in shared_ids)
+        return self._grads.only_own_nonshared()
 
-    def _backward_weighted(self, losses: list[Tensor]) -> None:
-        assert self._weights is not None and self._shared is not None
-        weights = self._weights.tolist()
-        total = sum(w * loss.reshape(()) for w, loss in zip(weights, losses, strict=True))
-        assert isinstance(total, Tensor)
-        by_task = self._nonshared_by_task()
-        live = [p for p in self._shared if p.requires_grad]  # frozen ones are skipped
-        inputs = live + [p for ps in by_task for p in ps if p.requires_grad]
-        scales = [1.0] * len(live) + [
-            1.0 / weights[k] for k, ps in enumerate(by_task) for p in ps if p.requires_grad
-        ]
-        grads = torch.autograd.grad(total, inputs, allow_unused=True)
-        for p, g, scale in zip(inputs, grads, scales, strict=True):
-            if g is not None:
-                _accumulate(p, g if scale == 1.0 else g * scale)
-        self._pending = "weighted"
-
-    def _backward_per_task(self, losses: list[Tensor], retain_graph: bool) -> None:
-        assert self._shared is not None
-        first = self._pending is None
-        if first:
-            self._join_newly_reached()
-        shared = self._shared
-        num_tasks = len(losses)
-        if first:
-            self._reached = [False] * len(shared)
-            if self._keeps_rows(num_tasks):
-                self._task_rows = [[None] * num_tasks for _ in shared]
-            else:
-                self._task_rows = None
-                self._allocate_buffers(num_tasks)
-        elif self._task_rows is not None:
-            self._stack_rows()  # accumulating into them: one buffer per parameter from now on
-        by_task = self._nonshared_by_task()
-        # Frozen parameters (requires_grad=False) are skipped, as torch optimizers skip them.
-        live = [i for i, p in enumerate(shared) if p.requires_grad]
-        unreached = [p for p in self._unreached if p.requires_grad]
-        missing: list[int] = []
-        for k, loss in enumerate(losses):
-            own = [p for p in by_task[k] if p.requires_grad]
-            inputs = [shared[i] for i in live] + own + unreached
-            keep = retain_graph or k < num_tasks - 1
-            # The gradient tuple lives only for the call (what is kept of it: the shared
-            # parameters' gradients, copied into the buffers or kept as they are): it is freed
-            # before the next task's backward pass.
-            grads = torch.autograd.grad(
-                loss.reshape(()), inputs, retain_graph=keep, allow_unused=True
-            )
-            if all(g is None for g in grads):
-                missing.append(k)
-            shared_grads: list[Tensor | None] = [None] * len(shared)
-            for j, i in enumerate(live):
-                shared_grads[i] = grads[j]
-            rest = grads[len(live) :]
-            self._store_task_grads(k, own, shared_grads + list(rest[: len(own)]), first)
-            for p, g in zip(unreached, rest[len(own) :], strict=True):
-                if g is not None:  # trains now (its gradient in .grad); joins at the next step
-                    _accumulate(p, g)
-                    self._newly_reached.setdefault(id(p), set()).add(k)
-            del grads, rest, shared_grads
-        if missing:
-            assert self._task_names is not None
-            names = [self._task_names[k] for k in missing]
-            raise ValueError(
-                f"the loss of task(s) {names} reaches no trainable parameter of the wrapped "
-                "optimizer in this step (frozen, or not part of its graph any more): keep each "
-                "task connected (a task with nothing to learn returns 0 * output.sum()). The "
-                "parameters and optimizer state are unchanged; call zero_grad() before the next "
-                "backward"
-            )
-        if first:
-            # .grad of a shared parameter: this backward's sum over tasks, one pass over K x P.
-            for i, (p, reached) in enumerate(zip(shared, self._reached, strict=True)):
-                if not reached:
-                    continue
-                total = (
-                    task_sum(self._task_grads[i])
-                    if self._task_rows is None
-                    else _sum_rows(self._task_rows[i])
-                )
-                if p.grad is None:
-                    p.grad = total
-                else:
-                    p.grad.add_(total)
-        self._pending = "full"
-
-    def _keeps_rows(self, num_tasks: int) -> bool:
-        """Whether this backward keeps each task's gradients as autograd returned them, instead of
-        copying them into ``[K, *shape]`` buffers: when the step reads them with the compiled
-        kernels, and no ``gradient_sync`` hook needs the buffers."""
-        if self.sync_free or self.gradient_sync is not None or self._engine is None:
-            return False
-        assert self._shared is not None
-        return self._engine.fused_enabled(self._shared, num_tasks)
-
-    def _allocate_buffers(self, num_tasks: int) -> None:
-        """The ``[K, *p.shape]`` per-task buffers (kept from step to step while K is the same)."""
-        assert self._shared is not None
-        if len(self._task_grads) != len(self._shared) or (
-            self._task_grads and self._task_grads[0].shape[0] != num_tasks
-        ):
-            self._task_grads = [
-                torch.empty((num_tasks, *p.shape), dtype=p.dtype, device=p.device)
-                for p in self._shared
-            ]
-
-    def _stack_rows(self) -> None:
-        """Copy the kept per-task gradients into the buffers (zeros where a task did not reach a
-        parameter) and drop them."""
-        assert self._task_rows is not None and self._shared is not None
-        self._allocate_buffers(len(self._task_rows[0]))
-        for buf, rows in zip(self._task_grads, self._task_rows, strict=True):
-            for row, g in zip(buf, rows, strict=True):
-                if g is None:
-                    row.zero_()
-                else:
-                    row.copy_(g)
-        self._task_rows = None
-
-    def _store_task_grads(
-        self,
-        k: int,
-        nonshared: list[Tensor],
-        grads: Sequence[Tensor | None],
-        first: bool,
-    ) -> None:
-        """Task ``k``'s gradients: shared ones kept (row ``k`` of the per-task buffers, or the
-        tensor itself; added to ``.grad`` too when accumulating), the task's own parameters into
-        ``.grad``."""
-        assert self._shared is not None
-        num_shared = len(self._shared)
-        for i, (p, g) in enumerate(zip(self._shared, grads[:num_shared], strict=True)):
-            if self._task_rows is not None:
-                # Never written in place (a rescale replaces it), so it may alias anything.
-                self._task_rows[i][k] = g
-                self._reached[i] = self._reached[i] or g is not None
-                continue
-            row = self._task_grads[i][k]
-            if g is None:
-                if first:
-                    row.zero_()
-                continue
-            if first:
-                row.copy_(g)
-            else:
-                row.add_(g)
-                _accumulate(p, g)
-            self._reached[i] = True
-        for p, g in zip(nonshared, grads[num_shared:], strict=True):
-            if g is not None:
-                _accumulate(p, g)
-
-    def _record_grad_marks(self) -> None:
-        """Remember the shared ``.grad`` tensors, to detect changes made before :meth:`step`:
-        their identity, version counter and largest absolute value (the infinity norm, which
-        cannot overflow for finite values). The value is needed because some in-place kernels do
-        not bump the version counter: ``GradScaler.unscale_``'s
-        ``_amp_foreach_non_finite_check_and_unscale_`` is one (torch 2.13)."""
-        shared = self._shared or []
-        with_grad = [p.grad for p in shared if p.grad is not None]
-        norms: list[float | Tensor] = []
-        if with_grad:
-            stacked = torch.stack(_max_abs(with_grad))
-            norms = list(stacked.unbind()) if self.sync_free else stacked.tolist()
-        values = iter(norms)
-        self._grad_marks = [
-            None if p.grad is None else (id(p.grad), p.grad._version, next(values)) for p in shared
-        ]
-
-    # ----------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
         """Apply one balanced step (after :meth:`backward`).
@@ -797,27 +572,28 @@ class PUB(torch.optim.Optimizer):
                 "PUB.step() takes no closure: compute the task losses, call backward(losses), "
                 "then step()"
             )
-        if self._pending is None:
+        grads = self._grads
+        if grads.pending is None:
             raise RuntimeError(
                 "PUB.step() called without per-task gradients: call backward(losses) after "
                 "zero_grad() and before step()"
             )
-        assert self._shared is not None and self._task_names is not None
-        if self._pending == "weighted":
+        assert grads.shared is not None and self._task_names is not None
+        if grads.pending == "weighted":
             self._check_finite_grads(self._all_params())
             self.optimizer.step()
             self._finish_step(solved=False)
             return
         overflow = self._unscale_for_grad_scaler() if self.sync_free else None
-        active = [i for i, p in enumerate(self._shared) if p.grad is not None and self._reached[i]]
-        grads_finite = self._carry_over_grad_changes(active)
+        active = grads.active()
+        grads_finite = grads.carry_over(active)
         if overflow is not None and grads_finite is not None:
             grads_finite = grads_finite & ~overflow.to(grads_finite.device)
         solve = self._weights is None or self._step_count % self.solve_every == 0
         num_tasks = len(self._task_names)
-        params = [self._shared[i] for i in active]
-        task_grads = self._step_task_grads(active)
-        nonshared = self._nonshared_with_grad()
+        params = [grads.shared[i] for i in active]
+        task_grads = grads.for_step(active)
+        nonshared = grads.nonshared_with_grad()
         if self._transform is None or (self.space == "gradient" and not self.sync_free):
             self._combined_step(params, task_grads.all_stacked(), nonshared, solve)
             return
@@ -833,9 +609,9 @@ class PUB(torch.optim.Optimizer):
             )
             return
         items = engine.fused_items(contexts, task_grads)
-        if items is None and self._task_rows is not None:  # eager after all: it reads buffers
-            self._stack_rows()
-            task_grads = self._step_task_grads(active)
+        if items is None and grads.rows is not None:  # eager after all: it reads buffers
+            grads.stack_rows()
+            task_grads = grads.for_step(active)
         grams: StepGrams | None = None
         if solve:
             grams = engine.gram(contexts, task_grads, num_tasks, items)
@@ -870,24 +646,6 @@ class PUB(torch.optim.Optimizer):
             return 0.0
         return drift_weight(weights, self.balancer.normalization == "sum")
 
-    def _step_task_grads(self, active: list[int]) -> TaskGrads:
-        """The active parameters' per-task gradients: the kept tensors (zeros for a task that did
-        not reach the parameter), or the buffers."""
-        if self._task_rows is None:
-            return TaskGrads([self._task_grads[i] for i in active])
-        assert self._shared is not None
-        parts: list[list[Tensor]] = []
-        for i in active:
-            zeros: Tensor | None = None
-            rows: list[Tensor] = []
-            for g in self._task_rows[i]:
-                if g is None:
-                    zeros = torch.zeros_like(self._shared[i]) if zeros is None else zeros
-                    g = zeros
-                rows.append(g)
-            parts.append(rows)
-        return TaskGrads(parts)
-
     def _unscale_for_grad_scaler(self) -> Tensor | None:
         """Under ``torch.amp.GradScaler.step`` with ``sync_free``: divide every ``.grad`` by the
         scale it hands over (unless ``scaler.unscale_`` did already) and return its overflow
@@ -908,92 +666,6 @@ class PUB(torch.optim.Optimizer):
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, ignored, inverse)
         return found_inf.reshape(()) > 0
 
-    def _carry_over_grad_changes(self, active: list[int]) -> Tensor | None:
-        """Rescale the per-task gradients by what was done to ``.grad`` since :meth:`backward`.
-
-        A ``.grad`` that was replaced or changed in place (its version counter moved): where the
-        per-task gradients sum to a non-zero value the factor is elementwise
-        (``grad / sum_k g_k``: exact for value clipping too); where they cancel to zero, it is the
-        least-squares uniform factor ``<grad, sum> / <sum, sum>`` over all changed tensors, which is
-        exact for the uniform changes that matter (norm clipping, ``GradScaler.unscale_``).
-        A ``.grad`` whose norm changed with the same version (kernels that do not bump it, such
-        as ``GradScaler.unscale_``'s) is rescaled by the ratio of norms: exact for the uniform
-        changes those kernels make.
-
-        Raises ``FloatingPointError`` (nothing changed) on a non-finite shared gradient; with
-        ``sync_free`` returns that check as a 0-d bool tensor instead (``None`` otherwise).
-        """
-        assert self._shared is not None
-        now = self._grad_norms_now(active)
-        if self.sync_free:
-            return self._carry_over_on_device(active, now)
-        assert isinstance(now, list)
-        if not all(math.isfinite(n) for n in now):
-            raise FloatingPointError(_NONFINITE_SHARED)
-        changed: list[_Changed] = []
-        for i, norm in zip(active, now, strict=True):
-            p = self._shared[i]
-            mark = self._grad_marks[i]
-            assert p.grad is not None
-            if mark is not None and mark[:2] == (id(p.grad), p.grad._version) and norm == mark[2]:
-                continue
-            if self._task_rows is None:
-                buf = self._task_grads[i]
-                changed.append((buf, task_sum(buf), p.grad))
-            else:
-                changed.append((self._task_rows[i], _sum_rows(self._task_rows[i]), p.grad))
-        self._rescale_changed(changed)
-        return None
-
-    def _carry_over_on_device(self, active: list[int], now: Tensor | list[float]) -> Tensor:
-        assert self._shared is not None and isinstance(now, Tensor | list)
-        if isinstance(now, list):  # no active parameter
-            return torch.ones((), dtype=torch.bool)
-        changed: list[_Changed] = []
-        for j, i in enumerate(active):
-            p = self._shared[i]
-            mark = self._grad_marks[i]
-            assert p.grad is not None
-            buf = self._task_grads[i]
-            if mark is None or mark[:2] != (id(p.grad), p.grad._version):
-                changed.append((buf, task_sum(buf), p.grad))
-                continue
-            before, after = mark[2], now[j]
-            assert isinstance(before, Tensor)
-            same = (after == before) | ~(before > 0)
-            buf.mul_(torch.where(same, 1.0, after / torch.where(same, 1.0, before)).to(buf.dtype))
-        self._rescale_changed(changed)
-        return torch.isfinite(now).all()
-
-    @staticmethod
-    def _rescale_changed(changed: list[_Changed]) -> None:
-        """``g_k <- g_k * grad / sum_j g_j`` for each ``(task gradients, sum, grad)`` (no host
-        reads). The task gradients are a buffer (scaled in place) or a list of kept tensors
-        (replaced: autograd's results may alias each other or other tensors)."""
-        if not changed:
-            return
-        dots = torch.stack([(g.double() * t.double()).sum() for _, t, g in changed]).sum()
-        norms = torch.stack([(t.double() * t.double()).sum() for _, t, _ in changed]).sum()
-        uniform = torch.where(norms > 0, dots / torch.where(norms > 0, norms, 1.0), 1.0)
-        for target, total, grad in changed:
-            nonzero = total != 0
-            factor = uniform.to(total.dtype)
-            ratio = torch.where(nonzero, grad / torch.where(nonzero, total, 1), factor)
-            if isinstance(target, Tensor):
-                target.mul_(ratio)
-            else:
-                target[:] = [None if g is None else g * ratio for g in target]
-
-    def _grad_norms_now(self, active: list[int]) -> Tensor | list[float]:
-        """The norms of the shared ``.grad`` tensors now, to compare with the recorded ones (a
-        tensor with ``sync_free``, else floats)."""
-        assert self._shared is not None
-        grads = [self._shared[i].grad for i in active]
-        if not grads:
-            return []
-        norms = torch.stack(_max_abs(grads))  # type: ignore[arg-type]
-        return norms if self.sync_free else norms.tolist()
-
     def _sync_free_step(
         self,
         contexts: list[list[ParamContext]],
@@ -1012,7 +684,7 @@ class PUB(torch.optim.Optimizer):
         if self._losses_finite is not None:
             ok = ok & self._losses_finite.to(device)
         if self.check_finite and nonshared:
-            norms = _max_abs([p.grad for p in nonshared])  # type: ignore[misc]
+            norms = max_abs([p.grad for p in nonshared])  # type: ignore[misc]
             ok = ok & torch.isfinite(torch.stack(norms)).all()
         previous = self._weights
         if previous is None:
@@ -1039,8 +711,8 @@ class PUB(torch.optim.Optimizer):
         self._finish_step(solved=solve, grams=grams)
 
     def _shared_device(self) -> torch.device:
-        assert self._shared is not None
-        return self._shared[0].device
+        assert self._grads.shared is not None
+        return self._grads.shared[0].device
 
     def _combined_step(
         self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool
@@ -1102,20 +774,17 @@ class PUB(torch.optim.Optimizer):
     def _step_with(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """The wrapped optimizer's own step with ``grads`` as the gradients of ``params`` (the
         other shared parameters hidden: skipped), the task-specific ones on their ``.grad``."""
-        assert self._shared is not None
-        saved = [p.grad for p in self._shared]
+        shared = self._grads.shared
+        assert shared is not None
+        saved = [p.grad for p in shared]
         given = {id(p): g for p, g in zip(params, grads, strict=True)}
         try:
-            for p in self._shared:
+            for p in shared:
                 p.grad = given.get(id(p))
             self.optimizer.step()
         finally:
-            for p, g in zip(self._shared, saved, strict=True):
+            for p, g in zip(shared, saved, strict=True):
                 p.grad = g
-
-    def _nonshared_with_grad(self) -> list[Tensor]:
-        shared_ids = {id(p) for p in self._shared or []}
-        return [p for p in self._all_params() if id(p) not in shared_ids and p.grad is not None]
 
     def _step_nonshared(self, nonshared: list[Tensor]) -> None:
         """The wrapped optimizer's ordinary step on the parameters that are not balanced."""
@@ -1137,12 +806,12 @@ class PUB(torch.optim.Optimizer):
 
     def _raise_if_nonfinite(self, gram: Tensor) -> None:
         if not bool(torch.isfinite(gram).all()):
-            raise FloatingPointError(_NONFINITE_SHARED)
+            raise FloatingPointError(NONFINITE_SHARED)
 
     def _check_finite_grads(self, params: list[Tensor]) -> None:
         if not self.check_finite or not params:
             return
-        norms = _max_abs([p.grad for p in params if p.grad is not None])
+        norms = max_abs([p.grad for p in params if p.grad is not None])
         if norms and not bool(torch.isfinite(torch.stack(norms)).all()):
             raise FloatingPointError(
                 "non-finite gradients on the task-specific parameters: the step was skipped and "
@@ -1151,8 +820,7 @@ class PUB(torch.optim.Optimizer):
 
     def _finish_step(self, solved: bool, grams: StepGrams | None = None) -> None:
         self._step_count += 1
-        self._pending = None
-        self._task_rows = None
+        self._grads.reset()
         assert self._task_names is not None
         if grams is not None and self._weights is not None:
             self.last_stats = BalanceStats.from_grams(
@@ -1176,15 +844,9 @@ class PUB(torch.optim.Optimizer):
     @property
     def shared_params(self) -> list[Tensor]:
         """The balanced parameters (after the first :meth:`backward`)."""
-        if self._shared is None:
+        if self._grads.shared is None:
             raise RuntimeError("the shared parameters are known after the first backward()")
-        return list(self._shared)
-
-
-_NONFINITE_SHARED = (
-    "non-finite per-task gradients or updates on the shared parameters: the step was skipped and "
-    "nothing was changed (lower the learning rate, clip, or use a GradScaler)"
-)
+        return list(self._grads.shared)
 
 
 def _check_per_task(
@@ -1264,12 +926,6 @@ def split_task_losses(losses: object) -> tuple[tuple[str, ...], list[Any]] | Non
     return None
 
 
-def task_sum(task_grads: Tensor, out: Tensor | None = None) -> Tensor:
-    """``task_grads.sum(0)`` for a ``[K, *shape]`` buffer, as K - 1 additions of whole rows
-    (torch's reduction over the leading dimension takes about 3x as long at K = 2 on CPU)."""
-    return _sum_rows(task_grads.unbind(0), out)
-
-
 def _combine_into_first_row(per_task: Tensor, weights: Tensor) -> Tensor:
     """``sum_k weights[k] * per_task[k]``, written over ``per_task[0]`` (returned)."""
     w = weights.to(per_task)
@@ -1277,31 +933,3 @@ def _combine_into_first_row(per_task: Tensor, weights: Tensor) -> Tensor:
     for k in range(1, per_task.shape[0]):
         first.addcmul_(per_task[k], w[k])
     return first
-
-
-def _sum_rows(rows: Sequence[Tensor | None], out: Tensor | None = None) -> Tensor:
-    """The sum of the given per-task gradients (``None``: a task that did not reach the
-    parameter; at least one is given), in ``out`` or a new tensor."""
-    present = [g for g in rows if g is not None]
-    if len(present) == 1:
-        return present[0].clone() if out is None else out.copy_(present[0])
-    total = present[0] + present[1] if out is None else torch.add(present[0], present[1], out=out)
-    for g in present[2:]:
-        total.add_(g)
-    return total
-
-
-def _max_abs(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """Per tensor, the largest absolute value (the infinity norm): finite exactly when every value
-    is, for any finite values (a 2-norm of float32 values above about 1.8e19 overflows), and
-    changed by any uniform rescaling, which is what the ``.grad`` change detection needs."""
-    if not tensors:
-        return ()
-    return tuple(torch._foreach_norm(list(tensors), ord=math.inf))
-
-
-def _accumulate(param: Tensor, grad: Tensor) -> None:
-    if param.grad is None:
-        param.grad = grad.detach().clone()
-    else:
-        param.grad.add_(grad)

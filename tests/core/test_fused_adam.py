@@ -112,17 +112,17 @@ def test_kept_task_gradients_match_the_buffers_through_clipping_and_accumulation
             opt.zero_grad()
             x, y = batch(step, 3)
             opt.backward(model.losses(x, y))
-            if opt._pending == "weighted":  # between solves: no per-task gradients at all
-                assert opt._task_rows is None
+            if opt._grads.pending == "weighted":  # between solves: no per-task gradients at all
+                assert opt._grads.rows is None
                 weighted_steps += opt is kept
             elif opt is kept:
-                assert opt._task_rows is not None and opt._task_rows[4][1] is None
+                assert opt._grads.rows is not None and opt._grads.rows[4][1] is None
             else:
-                assert opt._task_rows is None
+                assert opt._grads.rows is None
             if step % 3 == 1:  # accumulate a second batch
                 x, y = batch(100 + step, 3)
                 opt.backward(model.losses(x, y))
-                assert opt._task_rows is None
+                assert opt._grads.rows is None
             if step % 2 == 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
             if step == 3:
@@ -254,7 +254,7 @@ def test_auto_mode_stays_eager_for_small_models() -> None:
     x, y = batch(0)
     opt.backward(model.losses(x, y))
     assert opt._engine is not None and not opt._engine.fused_enabled(opt.shared_params, 2)
-    assert opt._task_rows is None  # the eager path: the per-task buffers
+    assert opt._grads.rows is None  # the eager path: the per-task buffers
 
 
 @pytest.mark.parametrize("failing", [("adam_gram", "adam_apply"), ("adam_gram",)])

@@ -112,7 +112,7 @@ def test_peak_extra_memory_at_most_k_plus_one_shared_copies(
         for _ in range(3):
             opt.zero_grad()
             opt.backward(model(x))
-            assert (opt._task_rows is not None) == fused  # the kept gradients, or the buffers
+            assert (opt._grads.rows is not None) == fused  # the kept gradients, or the buffers
             opt.step()
 
     if fused:  # compile the kernels outside the measured runs
