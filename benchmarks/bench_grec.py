@@ -88,11 +88,11 @@ PROFILES = {
         quality_epochs=6,
         patience=2,
         ks=(2, 4, 8, 16),
-        scaling_epochs=1,
+        scaling_epochs=2,
         warmup_steps=10,
         serve_rows=1024,
         serve_warmup=5,
-        serve_repeats=40,
+        serve_repeats=100,
     ),
     "quick": Profile(
         seeds=(0,),
@@ -163,24 +163,37 @@ def serving_macs(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: s
 
 
 def time_serving(
-    models: dict[str, tuple[torch.nn.Module, str]],
-    batch: dict[str, torch.Tensor],
+    models: dict[str, tuple[torch.nn.Module, str, dict[str, torch.Tensor]]],
     warmup: int,
     repeats: int,
 ) -> dict[str, list[float]]:
-    """Seconds per ``model(batch, tasks=[task])`` call under no_grad, round-robin over models."""
-    for model, _ in models.values():
+    """Seconds per ``model(batch, tasks=[task])`` call under no_grad, round-robin over the
+    ``{key: (model, task, batch)}`` entries (load from other processes spreads over all)."""
+    for model, _, _ in models.values():
         model.eval()
-    times: dict[str, list[float]] = {label: [] for label in models}
+    times: dict[str, list[float]] = {key: [] for key in models}
     with torch.no_grad():
         for round_ in range(warmup + repeats):
-            for label, (model, task) in models.items():
+            for key, (model, task, batch) in models.items():
                 start = time.perf_counter()
                 model(batch, tasks=[task])
                 elapsed = time.perf_counter() - start
                 if round_ >= warmup:
-                    times[label].append(elapsed)
+                    times[key].append(elapsed)
     return times
+
+
+def single_step_times(timer: Any, batch_size: int, warmup: int) -> tuple[list[float], str]:
+    """Step times of one single-task model: its full batches after ``warmup`` (``"full"``); a
+    small task with no full batch after the warm-up: all its full batches (``"no-warmup"``); one
+    with fewer rows than a batch: all its steps (``"partial"``)."""
+    times = full_step_times(timer, batch_size, warmup)
+    if times:
+        return times, "full"
+    times = full_step_times(timer, batch_size, 0)
+    if times:
+        return times, "no-warmup"
+    return list(timer.times), "partial"
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -263,31 +276,40 @@ def run_quality(profile: Profile, log: Any) -> list[dict[str, Any]]:
     return records
 
 
-def run_scaling_k(profile: Profile, k: int, log: Any) -> dict[str, Any]:
-    """Every scaling model at ``K = k``: step times, serving, AUC."""
+Served = dict[str, tuple[torch.nn.Module, str, dict[str, torch.Tensor]]]
+
+
+def run_scaling_k(profile: Profile, k: int, log: Any) -> tuple[dict[str, Any], Served]:
+    """Every scaling model trained at ``K = k``: step times and AUC, and what serving times
+    (``{label: (model, task, batch)}``)."""
     data = load(k, profile.max_rows)
     seed = profile.seeds[0]
     out: dict[str, Any] = {}
-    served: dict[str, tuple[torch.nn.Module, str]] = {}
+    served: Served = {}
     task0 = data.task_names[0]
+    batch = data.test.batch(torch.arange(min(profile.serve_rows, len(data.test))))
     for label in SCALING_MODELS:
         if label == "single":
             steps: list[list[float]] = []
+            basis: dict[str, int] = {}
             aucs, params, walls = [], 0, 0.0
             for i in range(k):
                 part = single_task_data(data, i)
                 result, timer = train(profile, part, *SINGLE, seed, profile.scaling_epochs)
-                steps.append(full_step_times(timer, profile.batch_size, profile.warmup_steps))
+                times, how = single_step_times(timer, profile.batch_size, profile.warmup_steps)
+                steps.append(times)
+                basis[how] = basis.get(how, 0) + 1
                 aucs.append(result.test_auc(part.task_names[0]))
                 params += result.num_parameters
                 walls += result.wall_time_s
                 if i == 0:
-                    served[label] = (result.model, task0)
+                    served[label] = (result.model, task0, batch)
             # K models trained one after another: one step of each = the sum of their steps.
             qs = [quantiles(s) if s else (math.nan,) * 3 for s in steps]
             out[label] = {
                 "step_ms": [1e3 * sum(q[j] for q in qs) for j in range(3)],
                 "step_samples": sum(len(s) for s in steps),
+                "step_basis": basis,
                 "test_auc": dict(zip(data.task_names, aucs, strict=True)),
                 "num_parameters": params,
                 "wall_time_s": walls,
@@ -303,31 +325,37 @@ def run_scaling_k(profile: Profile, k: int, log: Any) -> dict[str, Any]:
                 "num_parameters": result.num_parameters,
                 "wall_time_s": result.wall_time_s,
             }
-            served[label] = (result.model, task0)
+            served[label] = (result.model, task0, batch)
         mean_auc = statistics.fmean(out[label]["test_auc"].values())
         out[label]["mean_auc"] = mean_auc
         log(
             f"K={k:2d} {label:10s} step {out[label]['step_ms'][1]:.1f} ms, mean AUC "
             f"{mean_auc:.4f} ({out[label]['wall_time_s']:.0f} s)"
         )
-    rows = torch.arange(min(profile.serve_rows, len(data.test)))
-    batch = data.test.batch(rows)
-    latency = time_serving(served, batch, profile.serve_warmup, profile.serve_repeats)
-    for label, (net, task) in served.items():
-        q = quantiles(latency[label])
-        out[label]["serve_ms"] = [1e3 * v for v in q]
-        out[label]["serve_rows_per_s"] = len(rows) / q[1]
-        out[label]["macs_per_row"] = serving_macs(net, batch, task)
-        # What one task's scoring runs: its experts under task routing.
-        if label == "grec-task":
-            out[label]["served_experts"] = net.task_experts(task)  # type: ignore[operator]
     out["_meta"] = {
-        "serve_rows": len(rows),
+        "serve_rows": int(batch["labels"].shape[0]),
         "served_task": task0,
         "train_rows": len(data.train),
         "test_rows": len(data.test),
     }
-    return out
+    return out, served
+
+
+def serve_all(profile: Profile, scaling: dict[str, Any], served: dict[str, Served]) -> None:
+    """Serving latency, rows/s and MACs per row of every (K, model), timed together round-robin
+    (so that the K = 16 / K = 2 ratios do not depend on when each K was trained)."""
+    entries = {f"{k}/{label}": entry for k, per in served.items() for label, entry in per.items()}
+    latency = time_serving(entries, profile.serve_warmup, profile.serve_repeats)
+    for key, (net, task, batch) in entries.items():
+        k, label = key.split("/", 1)
+        out = scaling[k][label]
+        q = quantiles(latency[key])
+        out["serve_ms"] = [1e3 * v for v in q]
+        out["serve_rows_per_s"] = int(batch["labels"].shape[0]) / q[1]
+        out["macs_per_row"] = serving_macs(net, batch, task)
+        # What one task's scoring runs: its experts under task routing.
+        if label == "grec-task":
+            out["served_experts"] = net.task_experts(task)  # type: ignore[operator]
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -495,6 +523,30 @@ def verdict(report: dict[str, Any]) -> list[str]:
         f"{r['grec-token']['step']:.2f}x, MMoE {r['mmoe']['step']:.2f}x, sparse-moe "
         f"{r['sparse-moe']['step']:.2f}x, K single-task models {r['single']['step']:.2f}x.",
     ]
+    lo = scaling[ks[0]]
+    slower = lo["grec-task"]["serve_ms"][1] / lo["mmoe"]["serve_ms"][1]
+    lines.append(
+        f"- Absolute serving cost at K = {ks[0]}: grec task "
+        f"{lo['grec-task']['serve_ms'][1]:.2f} ms per batch vs MMoE "
+        f"{lo['mmoe']['serve_ms'][1]:.2f} ms ({slower:.1f}x) "
+        f"and sparse-moe {lo['sparse-moe']['serve_ms'][1]:.2f} ms; MACs per row "
+        f"{lo['grec-task']['macs_per_row']:,.0f} vs {lo['mmoe']['macs_per_row']:,.0f} and "
+        f"{lo['sparse-moe']['macs_per_row']:,.0f}."
+    )
+    records = report["quality"]
+    means = {
+        m: statistics.fmean(
+            statistics.fmean(r["test_auc"].values()) for r in records if r["model"] == m
+        )
+        for m in dict.fromkeys(r["model"] for r in records)
+    }
+    best = max(means, key=lambda m: means[m])
+    lines.append(
+        f"- Quality (like / five-star, mean of the two test AUCs over seeds): best {best} "
+        f"{means[best]:.4f}; "
+        + ", ".join(f"{m} {v - means[best]:+.4f}" for m, v in means.items() if m != best)
+        + "."
+    )
     return lines
 
 
@@ -557,15 +609,19 @@ def write_report(report: dict[str, Any], out: Path, name: str) -> Path:
         "`like_g<g>` is rating >= 4 on the rows whose movie has a genre of group g (genres dealt "
         "round-robin into K groups), losses and AUC over each task's own rows. One seed "
         f"({p['seeds'][0]}), {p['scaling_epochs']} epoch(s) of training for every K (a short "
-        "training: the AUC column ranks the models after one pass, it is not converged). "
+        "training: the AUC column compares the models after the same few passes, it is not "
+        "converged; the single-task models of small tasks get few steps). "
         "Train step: wall time from Lightning's `on_train_batch_start` to `on_train_batch_end` "
         f"(forward, backward, Adam step, the module's logging) of every full batch of 512 rows "
-        f"after the first {p['warmup_steps']}, over one epoch; median and quartiles. For "
-        "`single` the step is one step of each of the K models (each a batch of 512 of its own "
-        "rows): the sum of their medians (and of their quartiles). Serving one task: "
+        f"after the first {p['warmup_steps']}, over the whole training; median and quartiles. "
+        "For `single` the step is one step of each of the K models (each a batch of 512 of its "
+        "own rows): the sum of their medians (and of their quartiles); a task too small for a "
+        "full batch after the warm-up counts all its full batches, one smaller than a batch its "
+        "partial batches (`step_basis` in the JSON says how many of each). Serving one task: "
         f'`model(batch, tasks=["{first["served_task"]}"])` under `torch.no_grad()` on the first '
         f"{first['serve_rows']} test rows, eval mode, {p['serve_warmup']} warm-up calls then "
-        f"{p['serve_repeats']} timed calls per model, round-robin over the models of one K; "
+        f"{p['serve_repeats']} timed calls per model, round-robin over all (K, model) pairs "
+        "together after all training (so that no K is timed at a quieter moment than another); "
         "rows/s = rows / median latency. MACs per row: `torch.utils.flop_counter.FlopCounterMode`"
         " FLOPs / 2 of one such call, matrix multiplies only (embeddings, gathers and "
         "element-wise work are not counted). For `single` the served model is task 0's own "
@@ -666,7 +722,12 @@ def run(argv: Sequence[str] | None = None) -> Path:
         print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
 
     quality = run_quality(profile, log)
-    scaling = {str(k): run_scaling_k(profile, k, log) for k in profile.ks}
+    scaling: dict[str, Any] = {}
+    served: dict[str, Served] = {}
+    for k in profile.ks:
+        scaling[str(k)], served[str(k)] = run_scaling_k(profile, k, log)
+    log("timing serving")
+    serve_all(profile, scaling, served)
     report = {
         "settings": {
             "command": " ".join(["python benchmarks/bench_grec.py", *(argv or sys.argv[1:])]),
