@@ -148,14 +148,20 @@ def full_step_times(timer: Any, batch_size: int, warmup: int) -> list[float]:
 
 def serving_macs(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> float:
     """Matrix-multiply MACs per row of ``model(batch, tasks=[task])`` (FlopCounterMode FLOPs / 2;
-    embedding look-ups and element-wise work are not counted). The attention fast path, which the
-    counter does not see, is switched off while counting (same arithmetic)."""
+    embedding look-ups and element-wise work are not counted). The counter does not see the
+    attention fast path nor the fused CPU attention kernels, so while counting the fast path is off
+    and scaled-dot-product attention runs its math backend (the same arithmetic, as matmuls)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with (
+            torch.no_grad(),
+            sdpa_kernel(SDPBackend.MATH),
+            FlopCounterMode(display=False) as counter,
+        ):
             model(batch, tasks=[task])
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -23,6 +23,29 @@ def test_quantiles(bench: ModuleType) -> None:
     assert bench.quantiles([7.0]) == (7.0, 7.0, 7.0)
 
 
+def test_serving_macs_count_attention(bench: ModuleType) -> None:
+    """MACs per row of one self-attention layer in eval mode (fast path and fused attention
+    kernels on CPU, which the flop counter alone does not see), counted by hand."""
+    import torch
+
+    length, d, heads, rows = 5, 8, 2, 3
+
+    class Attend(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+
+        def forward(self, batch: dict, tasks: list) -> dict:  # type: ignore[type-arg]
+            x = batch["x"]
+            return {tasks[0]: self.attention(x, x, x, need_weights=False)[0]}
+
+    model = Attend().eval()
+    batch = {"x": torch.randn(rows, length, d), "labels": torch.zeros(rows, 1)}
+    # q/k/v projections, scores q k^T, weights x v, output projection
+    expected = length * d * 3 * d + 2 * length * length * d + length * d * d
+    assert bench.serving_macs(model, batch, "t") == expected
+
+
 def test_single_task_data_keeps_only_the_tasks_rows(bench: ModuleType) -> None:
     import torch
 
