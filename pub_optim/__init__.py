@@ -17,7 +17,8 @@ gradients (Yuan, Cai, Dong, arXiv:2410.05806).
 True
 """
 
-from .stats import BalanceStats
+from .combined import CombinedOptimizer
+from .stats import BalanceDiagnostics, BalanceStats
 from .strategies import (
     STRATEGIES,
     Equal,
@@ -35,7 +36,9 @@ __version__ = "0.1.0"
 __all__ = [
     "PUB",
     "STRATEGIES",
+    "BalanceDiagnostics",
     "BalanceStats",
+    "CombinedOptimizer",
     "Equal",
     "EqualMagnitude",
     "Fixed",

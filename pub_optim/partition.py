@@ -31,6 +31,32 @@ def reached_leaves(loss: Tensor) -> set[int]:
     return found
 
 
+def sparse_leaves(losses: Sequence[Tensor]) -> set[int]:
+    """``id`` of the leaves whose gradient these losses produce as a sparse COO tensor: the
+    weights of ``nn.Embedding(sparse=True)`` and ``nn.EmbeddingBag(sparse=True)`` (their backward
+    nodes record ``sparse``); one walk of each graph, as :func:`reached_leaves`."""
+    found: set[int] = set()
+    for loss in losses:
+        root = loss.grad_fn
+        if root is None:
+            continue
+        seen = {root}
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            sparse = bool(getattr(node, "_saved_sparse", False))
+            for child, _ in node.next_functions:
+                if child is None:
+                    continue
+                variable = getattr(child, "variable", None)
+                if sparse and variable is not None:
+                    found.add(id(variable))
+                if child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+    return found
+
+
 def task_owners(losses: Sequence[Tensor], params: Iterable[Tensor]) -> dict[int, list[int]]:
     """For every parameter (by ``id``), the indices of the tasks whose loss reaches it."""
     reach = [reached_leaves(loss) for loss in losses]

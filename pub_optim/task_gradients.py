@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from .exact_step import TaskGrads
-from .partition import task_owners
+from .partition import sparse_leaves, task_owners
+from .rowsparse import TaskRows
 
 #: A changed ``.grad`` to carry over: (its per-task gradients, their sum, the ``.grad`` now).
 _Changed = tuple[Tensor | list[Tensor | None], Tensor, Tensor]
@@ -79,6 +80,12 @@ class TaskGradients:
         # backward; the value is a float, or a 0-d device tensor with sync_free.
         self._marks: list[tuple[int, int, float | Tensor] | None] = []
         self.pending: Pending | None = None
+        # Row-sparse shared parameters (sparse COO gradients: nn.Embedding(sparse=True),
+        # nn.EmbeddingBag(sparse=True)): known from the graph at discovery, or from a first sparse
+        # gradient; they get no [K, *shape] buffer. ``sparse[i]``: this step's K sparse
+        # gradients of shared parameter i (None: the task did not reach it).
+        self.sparse_ids: set[int] = set()
+        self.sparse: dict[int, list[Tensor | None]] = {}
 
     def params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -93,9 +100,25 @@ class TaskGradients:
         self.rows = None
 
     def active(self) -> list[int]:
-        """The shared parameters the step balances: with a ``.grad`` and reached by a task."""
+        """The dense shared parameters the step balances: with a ``.grad`` and reached by a
+        task (the row-sparse ones: :meth:`sparse_active`)."""
         assert self.shared is not None
-        return [i for i, p in enumerate(self.shared) if p.grad is not None and self.reached[i]]
+        return [
+            i
+            for i, p in enumerate(self.shared)
+            if p.grad is not None and self.reached[i] and i not in self.sparse
+        ]
+
+    def sparse_active(self) -> list[tuple[int, TaskRows]]:
+        """The row-sparse shared parameters of this step, each with its tasks' gradients on the
+        union of the rows they touched."""
+        assert self.shared is not None
+        out = []
+        for i, grads in sorted(self.sparse.items()):
+            p = self.shared[i]
+            if p.grad is not None and any(g is not None for g in grads):
+                out.append((i, TaskRows.from_task_grads(grads, p.shape)))
+        return out
 
     def only_own_nonshared(self) -> bool:
         """Whether every parameter that is not shared is reached by at most one task (so that a
@@ -125,6 +148,7 @@ class TaskGradients:
                 )
         self.shared = shared
         self.owners = owners
+        self.sparse_ids |= sparse_leaves(losses)
         shared_ids = {id(p) for p in shared}
         self.unreached = [p for p in params if not owners[id(p)] and id(p) not in shared_ids]
         self._newly_reached = {}
@@ -192,7 +216,8 @@ class TaskGradients:
         num_tasks = len(losses)
         if first:
             self.reached = [False] * len(shared)
-            if keep_rows:
+            self.sparse = {}
+            if keep_rows and not any(id(p) in self.sparse_ids for p in shared):
                 self.rows = [[None] * num_tasks for _ in shared]
             else:
                 self.rows = None
@@ -241,7 +266,12 @@ class TaskGradients:
             for i, (p, reached) in enumerate(zip(shared, self.reached, strict=True)):
                 if not reached:
                     continue
-                total = task_sum(self.buffers[i]) if self.rows is None else _sum_rows(self.rows[i])
+                if i in self.sparse:
+                    total = _sum_rows(self.sparse[i]).coalesce()
+                elif self.rows is None:
+                    total = task_sum(self.buffers[i])
+                else:
+                    total = _sum_rows(self.rows[i])
                 if p.grad is None:
                     p.grad = total
                 else:
@@ -251,11 +281,20 @@ class TaskGradients:
     def _allocate_buffers(self, num_tasks: int) -> None:
         """The ``[K, *p.shape]`` per-task buffers (kept from step to step while K is the same)."""
         assert self.shared is not None
-        if len(self.buffers) != len(self.shared) or (
-            self.buffers and self.buffers[0].shape[0] != num_tasks
+
+        def fits(buf: Tensor, p: Tensor) -> bool:
+            if id(p) in self.sparse_ids:
+                return buf.numel() == 0
+            return tuple(buf.shape) == (num_tasks, *p.shape)
+
+        if len(self.buffers) != len(self.shared) or not all(
+            fits(buf, p) for buf, p in zip(self.buffers, self.shared, strict=True)
         ):
             self.buffers = [
-                torch.empty((num_tasks, *p.shape), dtype=p.dtype, device=p.device)
+                # Row-sparse tables get no buffer: their per-task gradients stay sparse.
+                p.new_empty(0)
+                if id(p) in self.sparse_ids
+                else torch.empty((num_tasks, *p.shape), dtype=p.dtype, device=p.device)
                 for p in self.shared
             ]
 
@@ -285,6 +324,11 @@ class TaskGradients:
         assert self.shared is not None
         num_shared = len(self.shared)
         for i, (p, g) in enumerate(zip(self.shared, grads[:num_shared], strict=True)):
+            if g is not None and g.is_sparse:
+                self._store_sparse(i, k, p, g, first)
+                continue
+            if i in self.sparse:  # a row-sparse table this task did not reach
+                continue
             if self.rows is not None:
                 # Never written in place (a rescale replaces it), so it may alias anything.
                 self.rows[i][k] = g
@@ -305,6 +349,19 @@ class TaskGradients:
             if g is not None:
                 _accumulate(p, g)
 
+    def _store_sparse(self, i: int, k: int, p: Tensor, g: Tensor, first: bool) -> None:
+        """Task ``k``'s sparse gradient of shared parameter ``i``, kept as it is."""
+        if id(p) not in self.sparse_ids:  # not seen in the graph: from now on a sparse table
+            self.sparse_ids.add(id(p))
+            if self.buffers and self.buffers[i].numel():
+                self.buffers[i] = p.new_empty(0)
+        grads = self.sparse.setdefault(i, [None] * len(self.task_names))
+        previous = grads[k]
+        grads[k] = g if previous is None else previous + g
+        if not first:
+            _accumulate(p, g)
+        self.reached[i] = True
+
     def record_marks(self) -> None:
         """Remember the shared ``.grad`` tensors, to detect changes made before :meth:`step`:
         their identity, version counter and largest absolute value (the infinity norm, which
@@ -312,7 +369,7 @@ class TaskGradients:
         not bump the version counter: ``GradScaler.unscale_``'s
         ``_amp_foreach_non_finite_check_and_unscale_`` is one (torch 2.13)."""
         shared = self.shared or []
-        with_grad = [p.grad for p in shared if p.grad is not None]
+        with_grad = [dense_view(p.grad) for p in shared if p.grad is not None]
         norms: list[float | Tensor] = []
         if with_grad:
             stacked = torch.stack(max_abs(with_grad))
@@ -377,7 +434,30 @@ class TaskGradients:
             else:
                 changed.append((self.rows[i], _sum_rows(self.rows[i]), p.grad))
         self._rescale_changed(changed)
+        self._carry_over_sparse()
         return None
+
+    def _carry_over_sparse(self) -> None:
+        """The same for row-sparse tables: a changed sparse ``.grad`` rescales the tasks' sparse
+        gradients by the uniform factor ``<grad, sum> / <sum, sum>`` (exact for clipping and
+        unscaling, the changes made to sparse gradients); non-finite values are refused."""
+        assert self.shared is not None
+        for i, grads in self.sparse.items():
+            p = self.shared[i]
+            if p.grad is None:
+                continue
+            values = dense_view(p.grad)
+            if not bool(torch.isfinite(values).all()):
+                raise FloatingPointError(NONFINITE_SHARED)
+            mark = self._marks[i]
+            now = float(values.abs().max()) if values.numel() else 0.0
+            if mark is not None and mark[:2] == (id(p.grad), p.grad._version) and now == mark[2]:
+                continue
+            total = _sum_rows(grads).coalesce()
+            grad = p.grad.coalesce()
+            norm = float((total * total).sum())
+            factor = float((grad * total).sum()) / norm if norm > 0 else 1.0
+            self.sparse[i] = [None if g is None else g * factor for g in grads]
 
     def _carry_over_on_device(self, active: list[int], now: Tensor | list[float]) -> Tensor:
         assert self.shared is not None and isinstance(now, Tensor | list)
@@ -422,10 +502,10 @@ class TaskGradients:
         """The norms of the shared ``.grad`` tensors now, to compare with the recorded ones (a
         tensor with ``sync_free``, else floats)."""
         assert self.shared is not None
-        grads = [self.shared[i].grad for i in active]
+        grads = [dense_view(self.shared[i].grad) for i in active]  # type: ignore[arg-type]
         if not grads:
             return []
-        norms = torch.stack(max_abs(grads))  # type: ignore[arg-type]
+        norms = torch.stack(max_abs(grads))
         return norms if self.sync_free else norms.tolist()
 
     def nonshared_with_grad(self) -> list[Tensor]:
@@ -458,6 +538,12 @@ def max_abs(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
     if not tensors:
         return ()
     return tuple(torch._foreach_norm(list(tensors), ord=math.inf))
+
+
+def dense_view(grad: Tensor) -> Tensor:
+    """What the change marks and finiteness checks read of a gradient: the values of a sparse
+    one (a strided tensor as it is)."""
+    return grad._values() if grad.is_sparse else grad
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:

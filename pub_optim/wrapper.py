@@ -46,11 +46,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .combined import CombinedOptimizer
 from .exact_step import ExactStepEngine, TaskGrads
+from .rowsparse import SparseContext, SparseRowTransform, TaskRows, sparse_transform_for
+from .rowsparse import gram as sparse_gram
 from .spaces import SPACES, Space, StepGrams, drift_weight
 from .stats import BalanceStats
 from .strategies import StrategyLike, UpdateBalancer, get_strategy
-from .task_gradients import NONFINITE_SHARED, TaskGradients, max_abs
+from .task_gradients import NONFINITE_SHARED, TaskGradients, dense_view, max_abs
 from .task_states import TaskStates
 from .transforms import UpdateTransform, exact_transform_for
 from .transforms.base import ParamContext
@@ -103,7 +106,10 @@ class PUB(torch.optim.Optimizer):
     Args:
         optimizer: the wrapped optimizer. Exact look-ahead transforms exist for ``SGD``, ``Adam``,
             ``AdamW``, ``RMSprop`` and ``Adagrad``; any other elementwise optimizer takes the
-            generic snapshot-and-restore path (K extra ``step()`` calls per step).
+            generic snapshot-and-restore path (K extra ``step()`` calls per step). A list of
+            optimizers over disjoint parameters is wrapped as one
+            (:class:`~pub_optim.CombinedOptimizer`: e.g. ``SparseAdam`` for the sparse-gradient
+            embedding tables and ``Adam`` for the dense layers, one Gram matrix over both).
         strategy: ``"pareto"`` (default, the paper's choice), ``"min-norm"``,
             ``"equal-magnitude"``, ``"equal"``, a sequence of fixed weights, or an
             :class:`~pub_optim.UpdateBalancer`.
@@ -169,7 +175,7 @@ class PUB(torch.optim.Optimizer):
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         strategy: StrategyLike = "pareto",
         *,
         space: Space = "update",
@@ -184,6 +190,8 @@ class PUB(torch.optim.Optimizer):
         fused: bool | None = None,
         sync_free: bool = False,
     ) -> None:
+        if isinstance(optimizer, list | tuple):
+            optimizer = CombinedOptimizer(optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"PUB wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, PUB):
@@ -240,7 +248,7 @@ class PUB(torch.optim.Optimizer):
             OrderedDict()
         )
         self._patch_step_function()
-        self._transform: UpdateTransform | None = exact_transform_for(optimizer)
+        self._transform: UpdateTransform | None = _dense_transform(optimizer)
         if sync_free and self._transform is None:
             raise ValueError(
                 f"sync_free=True needs an exact look-ahead transform (SGD, Adam, AdamW, RMSprop, "
@@ -255,7 +263,7 @@ class PUB(torch.optim.Optimizer):
         self._sync_free = sync_free
         self._engine: ExactStepEngine | None = None
         if self._transform is not None:
-            for group in optimizer.param_groups:
+            for group in self._transform.optimizer.param_groups:
                 self._transform.validate_group(group)
             self._engine = ExactStepEngine(
                 self._transform,
@@ -265,6 +273,8 @@ class PUB(torch.optim.Optimizer):
                 per_task=state == "per_task",
                 diagnostics=self.diagnostics,
             )
+        # Per (inner) optimizer id: its look-ahead for row-sparse tables, made when one appears.
+        self._sparse_transforms: dict[int, SparseRowTransform] = {}
         self._task_states: TaskStates | None = (
             TaskStates(optimizer) if state == "per_task" else None
         )
@@ -480,6 +490,13 @@ class PUB(torch.optim.Optimizer):
             else:
                 grads.backward_per_task(tensors, retain_graph, self._keeps_rows(len(tensors)))
         full = grads.pending == "full"
+        if self.gradient_sync is not None and grads.sparse:
+            raise ValueError(
+                "sparse-gradient tables (nn.Embedding/EmbeddingBag(sparse=True)) are not "
+                "supported with a gradient_sync hook (DDP) yet: under DDP use dense-gradient "
+                "tables (sparse=False), or train on one process. The parameters and optimizer "
+                "state are unchanged; call zero_grad() before the next backward"
+            )
         if self.gradient_sync is not None:
             shared_ids = {id(p) for p in grads.shared}
             others = [p for p in self._all_params() if id(p) not in shared_ids]
@@ -594,11 +611,18 @@ class PUB(torch.optim.Optimizer):
         params = [grads.shared[i] for i in active]
         task_grads = grads.for_step(active)
         nonshared = grads.nonshared_with_grad()
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        # Row-sparse tables (sparse COO gradients): their own look-ahead on the touched rows,
+        # added into the same Gram matrix (checked before anything changes).
+        sparse = self._sparse_parts(grads.sparse_active(), group_of)
+        if sparse and self._transform is None and not params and self.space != "gradient":
+            self._sparse_only_step(sparse, nonshared, solve)
+            return
         if self._transform is None or (self.space == "gradient" and not self.sync_free):
-            self._combined_step(params, task_grads.all_stacked(), nonshared, solve)
+            self._combined_step(params, task_grads.all_stacked(), nonshared, solve, sparse)
             return
         self._check_contiguous(params + nonshared if self.sync_free else params)
-        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        self._check_dense_owner(params)
         contexts = self._contexts(params, group_of, num_tasks)
         engine = self._engine
         assert engine is not None
@@ -615,6 +639,7 @@ class PUB(torch.optim.Optimizer):
         grams: StepGrams | None = None
         if solve:
             grams = engine.gram(contexts, task_grads, num_tasks, items)
+            _add_sparse_grams(grams, sparse)
             self._raise_if_nonfinite(grams.balanced)
             weights = self.balancer(grams.balanced)
         else:
@@ -622,6 +647,110 @@ class PUB(torch.optim.Optimizer):
             weights = self._weights
         self._check_finite_grads(nonshared)
         engine.apply(contexts, task_grads, weights, items, self._drift_weight(weights))
+        self._apply_sparse(sparse, weights)
+        self._step_nonshared(nonshared)
+        self._weights = weights
+        self._finish_step(solved=solve, grams=grams)
+
+    def _sparse_parts(
+        self, sparse: list[tuple[int, TaskRows]], group_of: dict[int, dict[str, Any]]
+    ) -> list[_SparsePart]:
+        """Contexts and per-task look-ahead updates of this step's row-sparse tables (the
+        transform of the wrapped optimizer for sparse gradients); every refusal happens here,
+        before anything changes."""
+        if not sparse:
+            return []
+        if self._task_states is not None or self.sync_free or self.gradient_sync is not None:
+            what = (
+                "state='per_task'"
+                if self._task_states is not None
+                else "sync_free=True"
+                if self.sync_free
+                else "a gradient_sync hook (DDP)"
+            )
+            raise ValueError(
+                f"sparse-gradient parameters (nn.Embedding/EmbeddingBag(sparse=True)) are not "
+                f"supported with {what} yet: use state='shared', sync_free=False and one "
+                "process, or dense-gradient tables (sparse=False). Nothing was changed."
+            )
+        assert self._grads.shared is not None
+        params = [self._grads.shared[i] for i, _ in sparse]
+        transforms = [self._sparse_transform_of(p) for p in params]  # TypeError if none
+        for p, transform in zip(params, transforms, strict=True):
+            transform.validate_group(group_of[id(p)])
+        looks = self.space != "gradient"
+        parts: list[_SparsePart] = []
+        for p, transform, (_, rows) in zip(params, transforms, sparse, strict=True):
+            ctx = transform.begin(p, group_of[id(p)])
+            updates = transform.lookahead(ctx, rows) if looks else None
+            parts.append(_SparsePart(transform, ctx, rows, updates))
+        return parts
+
+    def _owner(self, param: Tensor) -> torch.optim.Optimizer:
+        """The (inner) optimizer that steps ``param``."""
+        if isinstance(self.optimizer, CombinedOptimizer):
+            return self.optimizer.owner(param)
+        return self.optimizer
+
+    def _sparse_transform_of(self, param: Tensor) -> SparseRowTransform:
+        owner = self._owner(param)
+        transform = self._sparse_transforms.get(id(owner))
+        if transform is None:
+            transform = sparse_transform_for(owner)
+            self._sparse_transforms[id(owner)] = transform
+        return transform
+
+    def _check_dense_owner(self, params: list[Tensor]) -> None:
+        """With several optimizers, the dense shared parameters are looked ahead by the one
+        optimizer with an exact transform: refuse others before anything changes."""
+        if not isinstance(self.optimizer, CombinedOptimizer) or self._transform is None:
+            return
+        for p in params:
+            owner = self.optimizer.owner(p)
+            if owner is not self._transform.optimizer:
+                raise TypeError(
+                    f"a shared parameter of shape {tuple(p.shape)} with a dense gradient belongs "
+                    f"to {type(owner).__name__}, and the dense parameters are balanced through "
+                    f"{type(self._transform.optimizer).__name__}: give every dense parameter to "
+                    "that optimizer (the others take sparse-gradient tables). Nothing was changed."
+                )
+
+    def _apply_sparse(self, parts: list[_SparsePart], weights: Tensor) -> None:
+        """The row-sparse tables' balanced update ``sum_k alpha_k d_k`` on their touched rows,
+        their state advanced with ``sum_k alpha_k g_k``."""
+        for part in parts:
+            assert part.updates is not None
+            grad = part.rows.combine(weights)
+            update = TaskRows(part.rows.shape, part.rows.rows, part.updates, part.rows.touched)
+            part.transform.commit(part.ctx, part.rows, grad, update.combine(weights))
+            part.transform.finish(part.ctx)
+
+    def _sparse_only_step(
+        self, parts: list[_SparsePart], nonshared: list[Tensor], solve: bool
+    ) -> None:
+        """A step whose balanced parameters are all row-sparse tables (``SparseAdam``)."""
+        k = len(self._task_names or ())
+        if solve:
+            device = parts[0].rows.values.device
+
+            def zeros() -> Tensor:
+                return torch.zeros((k, k), dtype=torch.float64, device=device)
+
+            marginal = self.space == "marginal" or self.diagnostics
+            grams = StepGrams(
+                self.space,
+                lookahead=zeros() if self.space == "update" or self.diagnostics else None,
+                marginal=zeros() if marginal else None,
+                gradient=zeros() if self.diagnostics else None,
+            )
+            _add_sparse_grams(grams, parts)
+            self._raise_if_nonfinite(grams.balanced)
+            weights = self.balancer(grams.balanced)
+        else:
+            assert self._weights is not None
+            weights, grams = self._weights, None
+        self._check_finite_grads(nonshared)
+        self._apply_sparse(parts, weights)
         self._step_nonshared(nonshared)
         self._weights = weights
         self._finish_step(solved=solve, grams=grams)
@@ -715,7 +844,12 @@ class PUB(torch.optim.Optimizer):
         return self._grads.shared[0].device
 
     def _combined_step(
-        self, params: list[Tensor], task_grads: list[Tensor], nonshared: list[Tensor], solve: bool
+        self,
+        params: list[Tensor],
+        task_grads: list[Tensor],
+        nonshared: list[Tensor],
+        solve: bool,
+        sparse: list[_SparsePart] | None = None,
     ) -> None:
         """The step that goes through the wrapped optimizer's own ``step()``: the generic path
         (update and marginal spaces: the snapshot look-ahead, then the shared parameters set to
@@ -724,6 +858,12 @@ class PUB(torch.optim.Optimizer):
         but ``sync_free`` (the balanced gradient is an ordinary gradient: exactly the optimizer's
         step on it, any optimizer, task-specific parameters included)."""
         k = len(self._task_names or ())
+        if sparse and self.space != "gradient":
+            raise TypeError(
+                f"{type(self.optimizer).__name__} has no exact look-ahead for its dense "
+                "parameters beside sparse-gradient tables: wrap SGD or Adagrad (tables and dense "
+                "layers in one optimizer), or SparseAdam over the tables only. Nothing was changed."
+            )
         look = GenericLookahead(self.optimizer, params) if self.space != "gradient" else None
         stores = None
         if look is not None and self._task_states is not None:
@@ -740,7 +880,8 @@ class PUB(torch.optim.Optimizer):
                 drifts, _ = look.updates(zeros, stores)
         grams: StepGrams | None = None
         if solve:
-            grams = _generic_grams(self.space, task_grads, updates, drifts, self.diagnostics)
+            grams = _generic_grams(self.space, task_grads, updates, drifts, self.diagnostics, k)
+            _add_sparse_grams(grams, sparse or [])
             self._raise_if_nonfinite(grams.balanced)
             weights = self.balancer(grams.balanced)
         else:
@@ -749,8 +890,12 @@ class PUB(torch.optim.Optimizer):
         self._check_finite_grads(nonshared)
         extra = self._drift_weight(weights)
         if look is None:
-            # Combined in place (the per-task values are not read again): no copy.
-            self._step_with(params, [_combine_into_first_row(g, weights) for g in task_grads])
+            # Combined in place (the per-task values are not read again): no copy. A sparse
+            # table's balanced gradient is a sparse gradient: the optimizer's own sparse step.
+            combined = [_combine_into_first_row(g, weights) for g in task_grads]
+            tables = [part.ctx.param for part in sparse or []]
+            combined += [part.rows.to_sparse(part.rows.combine(weights)) for part in sparse or []]
+            self._step_with(params + tables, combined)
         else:
             assert updates is not None
             applied = [_combine_into_first_row(u, weights) for u in updates]
@@ -811,7 +956,7 @@ class PUB(torch.optim.Optimizer):
     def _check_finite_grads(self, params: list[Tensor]) -> None:
         if not self.check_finite or not params:
             return
-        norms = max_abs([p.grad for p in params if p.grad is not None])
+        norms = max_abs([dense_view(p.grad) for p in params if p.grad is not None])
         if norms and not bool(torch.isfinite(torch.stack(norms)).all()):
             raise FloatingPointError(
                 "non-finite gradients on the task-specific parameters: the step was skipped and "
@@ -849,6 +994,50 @@ class PUB(torch.optim.Optimizer):
         return list(self._grads.shared)
 
 
+@dataclasses.dataclass
+class _SparsePart:
+    """One row-sparse table in a step: its context, its tasks' rows, their look-ahead updates
+    ``[K, n, *row]`` (``None`` in the gradient space)."""
+
+    transform: SparseRowTransform
+    ctx: SparseContext
+    rows: TaskRows
+    updates: Tensor | None
+
+
+def _add_sparse_grams(grams: StepGrams, parts: Sequence[_SparsePart]) -> None:
+    """Add the row-sparse tables' terms to the Gram matrices: over their touched rows (the
+    updates are zero elsewhere). A sparse optimizer's update for an empty gradient is zero, so
+    the tables add no drift: their marginal parts are their updates."""
+    for part in parts:
+        if part.updates is not None:
+            g = sparse_gram(part.updates).to(grams.balanced.device)
+            if grams.lookahead is not None:
+                grams.lookahead.add_(g)
+            if grams.marginal is not None:
+                grams.marginal.add_(g)
+        if grams.gradient is not None:
+            grams.gradient.add_(sparse_gram(part.rows.values).to(grams.gradient.device))
+
+
+def _dense_transform(optimizer: torch.optim.Optimizer) -> UpdateTransform | None:
+    """The exact look-ahead of the optimizer's dense parameters (``None``: the generic path).
+    For several optimizers: the one with an exact transform (the others, such as ``SparseAdam``,
+    take only sparse-gradient tables); more than one is refused."""
+    if not isinstance(optimizer, CombinedOptimizer):
+        return exact_transform_for(optimizer)
+    found = [(o, t) for o in optimizer.optimizers if (t := exact_transform_for(o)) is not None]
+    found = [(o, t) for o, t in found if not isinstance(o, torch.optim.SparseAdam)]
+    if len(found) > 1:
+        names = ", ".join(type(o).__name__ for o, _ in found)
+        raise ValueError(
+            f"PUB over several optimizers balances the dense parameters through one of them, and "
+            f"{names} all take dense gradients: give the dense layers one optimizer (the others "
+            "hold the sparse-gradient tables, e.g. SparseAdam)"
+        )
+    return found[0][1] if found else None
+
+
 def _check_per_task(
     space: Space,
     sync_free: bool,
@@ -884,9 +1073,9 @@ def _generic_grams(
     updates: list[Tensor] | None,
     drifts: list[Tensor] | None,
     diagnostics: bool,
+    k: int,
 ) -> StepGrams:
     """The Gram matrices of the combined step's vectors (float32 products, float64 sums)."""
-    k = task_grads[0].shape[0] if task_grads else 0
     device = task_grads[0].device if task_grads else torch.device("cpu")
 
     def gram_of(vectors: Sequence[Tensor]) -> Tensor:

@@ -217,7 +217,8 @@ def sparse_transform_for(optimizer: torch.optim.Optimizer) -> SparseRowTransform
         raise TypeError(
             f"{type(optimizer).__name__} does not take sparse gradients in PUB: sparse-gradient "
             "parameters (nn.Embedding(sparse=True), nn.EmbeddingBag(sparse=True)) need "
-            "torch.optim.SparseAdam, Adagrad (weight_decay=0) or SGD (momentum=0, "
-            "weight_decay=0); combine it with the dense optimizer as PUB([sparse_opt, dense_opt])"
+            "torch.optim.Adagrad (weight_decay=0) or SGD (momentum=0, weight_decay=0) for the "
+            "whole model, or SparseAdam when every balanced parameter is such a table (one PUB "
+            "wraps one optimizer); or use dense-gradient tables (sparse=False)"
         )
     return cls(optimizer)
