@@ -36,6 +36,8 @@ BALANCER_CHOICES = (
     "pareto",
     "min-norm",
     "equal-magnitude",
+    "pareto-per-task",
+    "pareto-marginal",
     "mgda",
     "imtl-g",
     "nash-mtl",

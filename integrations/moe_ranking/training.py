@@ -37,8 +37,13 @@ from .models import MultiTaskModel, build_model
 
 #: Balancers in the space of updates (PUB) and their gradient-space counterparts (baselines).
 UPDATE_BALANCERS = ("pareto", "min-norm", "equal-magnitude")
+#: PUB pareto with one optimizer state per task, or in the marginal space (pub_optim.PUB).
+VARIANT_BALANCERS: dict[str, dict[str, str]] = {
+    "pareto-per-task": {"strategy": "pareto", "state": "per_task"},
+    "pareto-marginal": {"strategy": "pareto", "space": "marginal"},
+}
 GRADIENT_BALANCERS = {"nash-mtl": "pareto", "mgda": "min-norm", "imtl-g": "equal-magnitude"}
-BALANCERS = ("equal", *UPDATE_BALANCERS, *GRADIENT_BALANCERS)
+BALANCERS = ("equal", *UPDATE_BALANCERS, *VARIANT_BALANCERS, *GRADIENT_BALANCERS)
 MONITOR = "val/mean_auc"
 
 
@@ -100,6 +105,8 @@ def make_balancer_callback(balancer: str) -> Callback | None:
         ) from exc
     if balancer in GRADIENT_BALANCERS:
         return UpdateBalancing(strategy=GRADIENT_BALANCERS[balancer], space="gradient")  # type: ignore[no-any-return]
+    if balancer in VARIANT_BALANCERS:
+        return UpdateBalancing(**VARIANT_BALANCERS[balancer])  # type: ignore[no-any-return,arg-type]
     return UpdateBalancing(strategy=balancer)  # type: ignore[no-any-return]
 
 

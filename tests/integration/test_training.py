@@ -114,7 +114,7 @@ def test_expert_load_shares_and_dead_experts() -> None:
     assert out["experts/g/dead"] == 2
 
 
-@pytest.mark.parametrize("balancer", ["pareto", "mgda"])
+@pytest.mark.parametrize("balancer", ["pareto", "mgda", "pareto-per-task", "pareto-marginal"])
 def test_balanced_training_end_to_end(balancer: str, synthetic: MultiTaskData) -> None:
     """With the UpdateBalancing callback: the declared shared parameters are what PUB balances,
     the recorded task weights are the solver's (positive, summing to 1, not all equal)."""
