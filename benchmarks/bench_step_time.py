@@ -367,9 +367,9 @@ def all_methods(include_torchjd: bool = True, device_type: str = "cpu") -> list[
                 space="marginal"),
             pub("pub-pareto-diagnostics", "PUB update space, pareto, diagnostics=True",
                 strategy="pareto", diagnostics=True),
-            pub("pub-pareto-per-task", "PUB per-task state, pareto (eager)", strategy="pareto",
+            pub("pub-pareto-per-task", "PUB per-task state, pareto", strategy="pareto",
                 state="per_task"),
-            pub("pub-pareto-per-task-marginal", "PUB per-task state, marginal, pareto (eager)",
+            pub("pub-pareto-per-task-marginal", "PUB per-task state, marginal, pareto",
                 strategy="pareto", state="per_task", space="marginal"),
         ]  # fmt: skip
     methods += [

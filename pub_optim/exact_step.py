@@ -11,10 +11,11 @@ the state advance. The two axes of :class:`pub_optim.PUB` meet here and nowhere 
 * *which Gram matrix the strategy sees* (``space``): see :mod:`pub_optim.spaces`.
 
 Eager, in cache-sized column blocks, for every transform; compiled
-(:mod:`pub_optim.transforms.fused`) for Adam/AdamW with the shared state when ``fused`` allows it
-(the drift ``d_0`` is then a phantom task with a zero gradient), falling back to the eager path
-with a warning if a kernel fails. :class:`pub_optim.PUB` owns one engine and decides what to solve
-and when.
+(:mod:`pub_optim.transforms.fused`) for Adam/AdamW when ``fused`` allows it (with the shared state
+the drift ``d_0`` is a phantom task with a zero gradient; with one state per task the per-task
+kernels compute each task's ``d_k`` and drift from its own state, when all tasks' states have the
+same step count), falling back to the eager path with a warning if a kernel fails.
+:class:`pub_optim.PUB` owns one engine and decides what to solve and when.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ from .spaces import Space, StepGrams, marginal_from_augmented
 from .transforms import UpdateTransform
 from .transforms import fused as kernels
 from .transforms.base import ParamContext
-from .transforms.fused import FusedItem
+from .transforms.fused import FusedItem, PerTaskItem
 
 #: Column chunk of the elementwise work on CPU: the ``K x chunk`` temporaries stay in cache.
 DEFAULT_CPU_CHUNK = 1 << 16
@@ -76,6 +77,8 @@ class TaskGrads:
 
 #: Per shared parameter: its one context (the shared state) or one per task (``per_task``).
 Contexts = Sequence[ParamContext]
+#: One step's compiled kernel calls: shared-state items, or per-task items (``per_task``).
+Items = list[FusedItem] | list[PerTaskItem]
 
 
 @dataclass
@@ -136,8 +139,9 @@ class ExactStepEngine:
 
     def fused_enabled(self, params: Sequence[Tensor], num_tasks: int) -> bool:
         """Whether a step over these shared parameters with ``num_tasks`` tasks runs the compiled
-        kernels (the shared state only: the kernels read one state per parameter)."""
-        if self.fused is False or self.fused_failed or self.space == "gradient" or self.per_task:
+        kernels (with ``per_task``, :meth:`fused_items` may still choose the eager path: the
+        per-task kernels need equal step counts)."""
+        if self.fused is False or self.fused_failed or self.space == "gradient":
             return False
         if not hasattr(self.transform, "fused_operands") or not params:
             return False
@@ -147,19 +151,24 @@ class ExactStepEngine:
             return num_tasks * sum(p.numel() for p in params) >= FUSED_AUTO_MIN_VALUES
         return True
 
-    def fused_items(
-        self, contexts: Sequence[Contexts], task_grads: TaskGrads
-    ) -> list[FusedItem] | None:
-        """The compiled kernels' calls of this step (``None``: the eager path). When the drift is
-        wanted, each item carries one more row: a zero gradient, whose update is ``d_0``."""
+    def fused_items(self, contexts: Sequence[Contexts], task_grads: TaskGrads) -> Items | None:
+        """The compiled kernels' calls of this step (``None``: the eager path). With the shared
+        state and the drift wanted, each item carries one more row: a zero gradient, whose update
+        is ``d_0``. With one state per task: per-task items, or ``None`` when the tasks' states
+        of a parameter differ in their constants (their step counts)."""
         if not len(task_grads):
             return None
         rows = [list(task_grads.rows(i)) for i in range(len(task_grads))]
         if not self.fused_enabled([r[0] for r in rows], len(rows[0])):
             return None
+        transform: Any = self.transform
+        if self.per_task:
+            operands = [[transform.fused_operands(ctx) for ctx in ctxs] for ctxs in contexts]
+            if not all(kernels.equal_constants(ops) for ops in operands):
+                return None
+            return kernels.batch_per_task(rows, operands, FUSED_MIN_TENSOR)
         if self._wanted().drift:
             rows = [[*r, torch.zeros_like(r[0])] for r in rows]
-        transform: Any = self.transform
         return kernels.batch(
             rows, [transform.fused_operands(ctx[0]) for ctx in contexts], FUSED_MIN_TENSOR
         )
@@ -169,7 +178,7 @@ class ExactStepEngine:
         contexts: Sequence[Contexts],
         task_grads: TaskGrads,
         k: int,
-        items: list[FusedItem] | None = None,
+        items: Items | None = None,
     ) -> StepGrams:
         """The Gram matrices of this step in float64: the compiled kernel over ``items`` when given
         (and working), else eager cache-sized blocks, each a look-ahead into a ``K x chunk``
@@ -177,7 +186,11 @@ class ExactStepEngine:
         device = task_grads.rows(0)[0].device if len(task_grads) else torch.device("cpu")
         want = self._wanted()
         if items is not None:
-            fused = self._gram_fused(items, k, device, want)
+            fused = (
+                self._gram_fused_per_task(cast(list[PerTaskItem], items), k, device, want)
+                if self.per_task
+                else self._gram_fused(cast(list[FusedItem], items), k, device, want)
+            )
             if fused is not None:
                 if want.gradient:
                     fused.gradient = _gradient_gram(task_grads, k, device)
@@ -277,13 +290,7 @@ class ExactStepEngine:
             try:
                 part = kernels.adam_gram(item.grads, item.operands, item.constants)
             except Exception as exc:
-                warnings.warn(
-                    f"PUB(fused=...): the fused Adam Gram kernel failed ({exc!r}); using the "
-                    "eager path",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self.fused_failed = True
+                self._gram_failed(exc)
                 return None
             packed = part if packed is None else packed + part
         full = (
@@ -302,17 +309,63 @@ class ExactStepEngine:
             drift_sq=sq,
         )
 
+    def _gram_failed(self, exc: Exception) -> None:
+        warnings.warn(
+            f"PUB(fused=...): the fused Adam Gram kernel failed ({exc!r}); using the eager path",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        self.fused_failed = True
+
+    def _gram_fused_per_task(
+        self, items: list[PerTaskItem], k: int, device: torch.device, want: _Wanted
+    ) -> StepGrams | None:
+        """The per-task kernel's matrices (``None`` if it fails, as :meth:`_gram_fused`)."""
+        packed: Tensor | None = None
+        for item in items:
+            try:
+                part = kernels.per_task_gram(
+                    item.grads,
+                    item.operands,
+                    item.constants,
+                    lookahead=want.lookahead,
+                    drift=want.drift,
+                )
+            except Exception as exc:
+                self._gram_failed(exc)
+                return None
+            packed = part if packed is None else packed + part
+        if packed is None:
+            tri = k * (k + 1) // 2
+            size = tri * want.lookahead + (tri + 2 * k) * want.drift
+            packed = torch.zeros(size, dtype=torch.float64, device=device)
+        lookahead, marginal, dots, sq = kernels.split_per_task_gram(
+            packed, k, want.lookahead, want.drift
+        )
+        return StepGrams(
+            space=self.space,
+            lookahead=lookahead,
+            marginal=marginal if want.marginal else None,
+            drift_dots=dots,
+            drift_sq=sq,
+        )
+
     def apply(
         self,
         contexts: Sequence[Contexts],
         task_grads: TaskGrads,
         weights: Tensor,
-        items: list[FusedItem] | None,
+        items: Items | None,
         drift_weight: float | Tensor = 0.0,
     ) -> None:
         """``theta <- theta + sum_k alpha_k d_k + drift_weight * d_0`` and the state advanced
         with ``sum_k alpha_k g_k`` (each task's state with its own ``g_k`` under ``per_task``).
-        ``items``: from :meth:`fused_items`, ``None`` for the eager path."""
+        ``items``: from :meth:`fused_items`, ``None`` for the eager path. With one state per
+        task, a drift term (weights that do not sum to one in the marginal space) is applied by
+        the eager path."""
+        with_drift = not (isinstance(drift_weight, float) and drift_weight == 0.0)
+        if self.per_task and with_drift:
+            items = None
         if items is not None and not self.fused_failed:
             self.apply_fused(contexts, task_grads, weights, items, drift_weight)
         else:
@@ -380,18 +433,24 @@ class ExactStepEngine:
         contexts: Sequence[Contexts],
         task_grads: TaskGrads,
         weights: Tensor,
-        items: list[FusedItem],
+        items: Items,
         drift_weight: float | Tensor = 0.0,
     ) -> None:
-        for n, item in enumerate(items):
+        """The compiled apply pass over ``items`` (a parameter whose kernel fails, and every later
+        one, takes the eager pass)."""
+        calls: list[FusedItem | PerTaskItem] = list(items)
+        for n, item in enumerate(calls):
             alpha = weights.to(device=item.grads[0].device, dtype=item.grads[0].dtype)
             if len(item.grads) > alpha.shape[0]:  # the phantom zero-gradient row: d_0
                 extra = torch.as_tensor(drift_weight, dtype=alpha.dtype, device=alpha.device)
                 alpha = torch.cat([alpha, extra.reshape(1)])
             try:
-                kernels.adam_apply(item.grads, alpha, item.operands, item.constants)
+                if isinstance(item, PerTaskItem):
+                    kernels.per_task_apply(item.grads, alpha, item.operands, item.constants)
+                else:
+                    kernels.adam_apply(item.grads, alpha, item.operands, item.constants)
             except Exception as exc:  # parameters are independent: the rest goes the eager way
-                rest = sorted(i for later in items[n:] for i in later.indices)
+                rest = sorted(i for later in calls[n:] for i in later.indices)
                 warnings.warn(
                     f"PUB(fused=...): the fused Adam apply kernel failed ({exc!r}); using the "
                     "eager path",
@@ -409,7 +468,8 @@ class ExactStepEngine:
                 return
             item.write_back()
             for i in item.indices:
-                self.transform.finish(contexts[i][0])
+                for ctx in contexts[i]:  # each task's state: its step counter (per_task)
+                    self.transform.finish(ctx)
 
     def _chunk(self, tensor: Tensor) -> int:
         if self.chunk_size is not None:

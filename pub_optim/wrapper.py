@@ -122,10 +122,12 @@ class PUB(torch.optim.Optimizer):
             with ``g* = sum_k alpha_k g_k``. ``"per_task"``: every task keeps its own state for
             the shared parameters (AdaTask, Yang et al., AAAI 2023): ``d_k = T(g_k; S_k)``, the
             parameters move by ``sum_k alpha_k d_k`` and each ``S_k`` advances with its own
-            ``g_k``; task-specific parameters keep the ordinary state. Not with
-            ``space="gradient"`` (one ordinary step on ``g*``: one state), ``sync_free``, the
-            compiled kernels (``fused=True``; ``fused=None`` runs eager), or ``solve_every > 1``
-            with ``between_solves="weighted_gradient"``.
+            ``g_k``; task-specific parameters keep the ordinary state. The compiled Adam kernels
+            (``fused``) run it as they run the shared state, each task's look-ahead and drift from
+            its own state (eager for a step whose tasks' states differ in step count, and for the
+            drift term of weights that do not sum to one). Not with ``space="gradient"`` (one
+            ordinary step on ``g*``: one state), ``sync_free``, or ``solve_every > 1`` with
+            ``between_solves="weighted_gradient"``.
         diagnostics: also measure, in the same pass, the gradients' Gram matrix and the drift
             ``d_0`` of each task's update (:class:`pub_optim.stats.BalanceDiagnostics` in
             :attr:`last_stats`); costs one more look-ahead row per step (always on in the
@@ -207,7 +209,7 @@ class PUB(torch.optim.Optimizer):
         if state not in STATE_MODES:
             raise ValueError(f"state must be one of {list(STATE_MODES)}, got {state!r}")
         if state == "per_task":
-            _check_per_task(space, sync_free, fused, solve_every, between_solves)
+            _check_per_task(space, sync_free, solve_every, between_solves)
         if not isinstance(solve_every, int) or solve_every < 1:
             raise ValueError(f"solve_every must be a positive integer, got {solve_every!r}")
         if between_solves not in ("weighted_gradient", "reuse_weights"):
@@ -1041,7 +1043,6 @@ def _dense_transform(optimizer: torch.optim.Optimizer) -> UpdateTransform | None
 def _check_per_task(
     space: Space,
     sync_free: bool,
-    fused: bool | None,
     solve_every: int,
     between_solves: BetweenSolves,
 ) -> None:
@@ -1054,11 +1055,6 @@ def _check_per_task(
     if sync_free:
         raise ValueError(
             "state='per_task' is not supported with sync_free=True; use state='shared'"
-        )
-    if fused:
-        raise ValueError(
-            "state='per_task' runs the eager elementwise path (the compiled Adam kernels read one "
-            "state per parameter); pass fused=None or fused=False"
         )
     if solve_every > 1 and between_solves == "weighted_gradient":
         raise ValueError(

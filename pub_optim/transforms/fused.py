@@ -16,9 +16,18 @@ look-ahead updates block by block (about five elementwise operations over ``K x 
 :func:`adam_apply` is one loop over the per-task gradients that keeps the updates in registers and
 updates ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) and the parameter in place.
 
-:func:`batch` groups one step's parameters into kernel calls: one per large tensor, one for all
-the small tensors with equal hyper-parameters concatenated (a compiled call costs ~0.1 ms of guard
-evaluation, more than a bias's whole work); :meth:`FusedItem.write_back` returns their state.
+With one optimizer state per task (``PUB(state="per_task")``, the idea of AdaTask: Yang et al.,
+AAAI 2023), :func:`per_task_gram` and :func:`per_task_apply` are the same two loops with task
+``k``'s update ``d_k = T(g_k; S_k)`` read from its own state: the Gram kernel also reduces each
+task's drift ``d0_k = T(0; S_k)`` into the marginal matrix ``[<d_i - d0_i, d_j - d0_j>]``,
+``<d_k, d0_k>`` and ``||d0_k||^2`` when asked, and the apply kernel advances every ``S_k`` with
+its own ``g_k`` after forming ``sum_k alpha_k d_k``. They need the K states of a parameter to
+share their constants (:func:`equal_constants`: the same step count).
+
+:func:`batch` (:func:`batch_per_task`) groups one step's parameters into kernel calls: one per
+large tensor, one for all the small tensors with equal hyper-parameters concatenated (a compiled
+call costs ~0.1 ms of guard evaluation, more than a bias's whole work);
+:meth:`FusedItem.write_back` (:meth:`PerTaskItem.write_back`) returns their state.
 
 Same formulas as the eager transform (the test suite compares them); rounding may differ in the
 last bits. The first call per specialisation (K, option flags, dtype, device: see :func:`_kernel`)
@@ -121,6 +130,78 @@ def _apply_kernel(
     v.mul_(c[BETA2]).add_(e * e * c[ONE_MINUS_BETA2])
     if vmax is not None:
         torch.maximum(vmax, v, out=vmax)
+    if has_decay:
+        theta.mul_(c[DECAY])
+    theta.add_(update)
+
+
+def _per_task_gram_kernel(
+    g: Sequence[Tensor],
+    m: Sequence[Tensor],
+    v: Sequence[Tensor],
+    vmax: Sequence[Tensor] | None,
+    theta: Tensor,
+    c: Tensor,
+    has_l2: bool,
+    maximize: bool,
+    lookahead: bool,
+    drift: bool,
+) -> Tensor:
+    # Task k looks ahead from its own state: d_k = T(g_k; S_k), d0_k = T(0; S_k). The marginal
+    # rows d_k - d0_k are formed in the parameter's dtype (as the eager pass does), so a task
+    # with a zero gradient has an exactly zero row.
+    k = len(g)
+    d = [
+        _updates(g[j], m[j], v[j], None if vmax is None else vmax[j], theta, c, has_l2, maximize)
+        for j in range(k)
+    ]
+    sums: list[Tensor] = []
+    if lookahead:
+        dd = [row.double() for row in d]
+        sums += [(dd[i] * dd[j]).sum() for i in range(k) for j in range(i, k)]
+    if drift:
+        zero = torch.zeros_like(g[0])
+        d0 = [
+            _updates(zero, m[j], v[j], None if vmax is None else vmax[j], theta, c, has_l2,
+                     maximize)
+            for j in range(k)
+        ]  # fmt: skip
+        e = [(d[j] - d0[j]).double() for j in range(k)]
+        sums += [(e[i] * e[j]).sum() for i in range(k) for j in range(i, k)]
+        sums += [(d[j].double() * d0[j].double()).sum() for j in range(k)]
+        sums += [(d0[j].double() * d0[j].double()).sum() for j in range(k)]
+    return torch.stack(sums)
+
+
+def _per_task_apply_kernel(
+    g: Sequence[Tensor],
+    m: Sequence[Tensor],
+    v: Sequence[Tensor],
+    vmax: Sequence[Tensor] | None,
+    theta: Tensor,
+    alpha: Tensor,
+    c: Tensor,
+    has_l2: bool,
+    maximize: bool,
+    has_decay: bool,
+) -> None:
+    # u = sum_k alpha_k T(g_k; S_k) from the states before they move (unrolled, as in
+    # _apply_kernel), then each S_k advanced with its own g_k (L2 decay reads theta before it
+    # changes), then theta.
+    update: Tensor | None = None
+    for j, row in enumerate(g):
+        vmax_j = None if vmax is None else vmax[j]
+        d = _updates(row, m[j], v[j], vmax_j, theta, c, has_l2, maximize)
+        update = alpha[j] * d if update is None else update + alpha[j] * d
+    assert update is not None
+    for j, row in enumerate(g):
+        e = -row if maximize else row
+        if has_l2:
+            e = e + c[L2] * theta
+        m[j].add_((e - m[j]) * c[ONE_MINUS_BETA1])  # lerp
+        v[j].mul_(c[BETA2]).add_(e * e * c[ONE_MINUS_BETA2])
+        if vmax is not None:
+            torch.maximum(vmax[j], v[j], out=vmax[j])
     if has_decay:
         theta.mul_(c[DECAY])
     theta.add_(update)
@@ -293,6 +374,100 @@ def batch(
     return items
 
 
+@dataclass
+class PerTaskItem:
+    """One kernel call of the per-task kernels (``PUB(state="per_task")``): as
+    :class:`FusedItem`, with one :class:`AdamOperands` per task (task ``k``'s own state, all on
+    the same parameter and with equal constants).
+
+    Attributes:
+        grads: the K per-task gradients, each flat (``[n]``).
+        operands: per task, its state (or the concatenated copy) and the constants; the
+            ``theta`` of every task is the same tensor.
+        constants: ``operands[0].constants_tensor()``.
+        indices: positions of the parameters it holds in the list given to
+            :func:`batch_per_task`.
+        sources: for a concatenated item, per member parameter its K operands, in order.
+    """
+
+    grads: list[Tensor]
+    operands: list[AdamOperands]
+    constants: Tensor
+    indices: list[int]
+    sources: list[list[AdamOperands]] = field(default_factory=list)
+
+    def write_back(self) -> None:
+        """Copy the advanced states and parameters of a concatenated item back to its members."""
+        if not self.sources:
+            return
+        sizes = [members[0].theta.numel() for members in self.sources]
+        targets: list[Tensor] = []
+        values: list[Tensor] = []
+        for k, packed in enumerate(self.operands):
+            for name in ("m", "v", "vmax") if k else ("m", "v", "vmax", "theta"):
+                joined = getattr(packed, name)
+                if joined is None:
+                    continue
+                targets += [getattr(members[k], name) for members in self.sources]
+                values += list(joined.split(sizes))
+        torch._foreach_copy_(targets, values)
+
+
+def equal_constants(operands: Sequence[AdamOperands]) -> bool:
+    """Whether the K per-task operands of one parameter can share one kernel call: the same
+    constants (step count, hyper-parameters) and formats."""
+    first = operands[0].batch_key()
+    return all(ops.batch_key() == first for ops in operands[1:])
+
+
+def batch_per_task(
+    grads: Sequence[Sequence[Tensor]], operands: list[list[AdamOperands]], min_values: int
+) -> list[PerTaskItem]:
+    """:func:`batch` for the per-task kernels: ``operands[i]`` holds parameter ``i``'s K
+    per-task operands (:func:`equal_constants` must hold for each)."""
+    items: list[PerTaskItem] = []
+    small: dict[tuple[Any, ...], list[int]] = {}
+    tensors: dict[tuple[Any, ...], Tensor] = {}
+    rows = [[g.reshape(-1) for g in per_task] for per_task in grads]
+
+    def constants(ops: AdamOperands) -> Tensor:
+        key = (ops.constants(), ops.theta.dtype == torch.float64, ops.theta.device)
+        if key not in tensors:
+            tensors[key] = ops.constants_tensor()
+        return tensors[key]
+
+    for i, (g, ops) in enumerate(zip(rows, operands, strict=True)):
+        if g[0].numel() >= min_values:
+            items.append(PerTaskItem(g, list(ops), constants(ops[0]), [i]))
+        else:
+            small.setdefault(ops[0].batch_key(), []).append(i)
+    for indices in small.values():
+        first = operands[indices[0]]
+        if len(indices) == 1:
+            items.append(PerTaskItem(rows[indices[0]], list(first), constants(first[0]), indices))
+            continue
+        sources = [list(operands[i]) for i in indices]
+        theta = torch.cat([members[0].theta for members in sources])
+
+        def cat(name: str, k: int, members: list[list[AdamOperands]] = sources) -> Tensor:
+            return torch.cat([getattr(member[k], name) for member in members])
+
+        joined = [
+            replace(
+                ops,
+                m=cat("m", k),
+                v=cat("v", k),
+                vmax=None if ops.vmax is None else cat("vmax", k),
+                theta=theta,
+            )
+            for k, ops in enumerate(first)
+        ]
+        num_tasks = len(rows[indices[0]])
+        grads_joined = [torch.cat([rows[i][k] for i in indices]) for k in range(num_tasks)]
+        items.append(PerTaskItem(grads_joined, joined, constants(first[0]), indices, sources))
+    return items
+
+
 def _as_rows(grads: Tensor | Sequence[Tensor]) -> list[Tensor]:
     """A ``[K, n]`` block as its K rows; K separate tensors as they are."""
     return list(grads.unbind(0)) if isinstance(grads, Tensor) else list(grads)
@@ -345,4 +520,95 @@ def adam_apply(
         operands.l2 != 0.0,
         operands.maximize,
         operands.decay != 1.0,
+    )
+
+
+def _per_task_tensors(
+    operands: Sequence[AdamOperands],
+) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None, Tensor]:
+    vmax = [ops.vmax for ops in operands if ops.vmax is not None]
+    return (
+        [ops.m for ops in operands],
+        [ops.v for ops in operands],
+        vmax if len(vmax) == len(operands) else None,
+        operands[0].theta,
+    )
+
+
+def per_task_gram(
+    grads: Tensor | Sequence[Tensor],
+    operands: Sequence[AdamOperands],
+    constants: Tensor | None = None,
+    *,
+    lookahead: bool = True,
+    drift: bool = False,
+) -> Tensor:
+    """One item's sums over its values, in float64, with task ``k``'s update
+    ``d_k = T(g_k; S_k)`` from its own operands ``operands[k]`` (equal constants): the packed
+    upper triangle of ``[<d_i, d_j>]`` if ``lookahead``, then, if ``drift``, with
+    ``d0_k = T(0; S_k)``, the triangle of ``[<d_i - d0_i, d_j - d0_j>]``, ``<d_k, d0_k>`` and
+    ``||d0_k||^2`` (K each). :func:`split_per_task_gram` reads them."""
+    rows = _as_rows(grads)
+    first = operands[0]
+    key = (
+        "pertask",
+        *first.specialisation(len(rows)),
+        "lookahead" if lookahead else "nolookahead",
+        "drift" if drift else "nodrift",
+    )
+    kernel = _kernel("gram", _per_task_gram_kernel, key, _RECOMPUTE_OPTIONS)
+    if constants is None:
+        constants = first.constants_tensor()
+    return kernel(
+        rows,
+        *_per_task_tensors(operands),
+        constants,
+        first.l2 != 0.0,
+        first.maximize,
+        lookahead,
+        drift,
+    )
+
+
+def split_per_task_gram(
+    packed: Tensor, k: int, lookahead: bool, drift: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`per_task_gram`'s result as (look-ahead Gram, marginal Gram, ``<d_k, d0_k>``,
+    ``||d0_k||^2``); ``None`` for what was not computed."""
+    tri = k * (k + 1) // 2
+    at = 0
+    gram = marginal = dots = sq = None
+    if lookahead:
+        gram = unpack_gram(packed[:tri], k)
+        at = tri
+    if drift:
+        marginal = unpack_gram(packed[at : at + tri], k)
+        dots = packed[at + tri : at + tri + k].clone()
+        sq = packed[at + tri + k : at + tri + 2 * k].clone()
+    return gram, marginal, dots, sq
+
+
+def per_task_apply(
+    grads: Tensor | Sequence[Tensor],
+    alpha: Tensor,
+    operands: Sequence[AdamOperands],
+    constants: Tensor | None = None,
+) -> None:
+    """``theta <- decay * theta + sum_k alpha_k T(g_k; S_k)`` and each ``S_k`` advanced with its
+    own ``g_k``, in place (``grads``, ``alpha``, ``constants`` as in :func:`adam_apply`;
+    ``operands`` as in :func:`per_task_gram`)."""
+    rows = _as_rows(grads)
+    first = operands[0]
+    key = ("pertask", *first.specialisation(len(rows)))
+    kernel = _kernel("apply", _per_task_apply_kernel, key)
+    if constants is None:
+        constants = first.constants_tensor()
+    kernel(
+        rows,
+        *_per_task_tensors(operands),
+        alpha,
+        constants,
+        first.l2 != 0.0,
+        first.maximize,
+        first.decay != 1.0,
     )

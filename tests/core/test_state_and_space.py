@@ -213,7 +213,6 @@ def test_update_space_gives_the_zero_gradient_task_weight_under_momentum() -> No
     [
         ({"state": "per_task", "space": "gradient"}, "space='update' or 'marginal'"),
         ({"state": "per_task", "sync_free": True}, "sync_free"),
-        ({"state": "per_task", "fused": True}, "eager"),
         ({"state": "per_task", "solve_every": 5}, "reuse_weights"),
         ({"state": "both"}, "state must be one of"),
         ({"space": "updates"}, "space must be one of"),
