@@ -198,7 +198,8 @@ def _train(
         x, y = batch(step, 3)
         pub.zero_grad()
         pub.backward(model.losses(x, y))
-        assert (pub._task_rows is not None) == fused  # kept as autograd returned them, or copied
+        assert pub._engine is not None
+        assert pub._engine.fused_enabled(pub.shared_params, 3) == fused
         pub.step()
         assert pub._engine is not None and not pub._engine.fused_failed
         assert pub.weights is not None
@@ -364,7 +365,6 @@ def test_auto_mode_turns_the_per_task_kernels_on_from_the_threshold() -> None:
     opt.backward(model.losses(x, y))
     engine = opt._engine
     assert engine is not None and not engine.fused_enabled(opt.shared_params, 2)
-    assert opt._task_rows is None  # eager: the per-task buffers
     big = [torch.empty(FUSED_AUTO_MIN_VALUES // 2)]
     assert engine.fused_enabled(big, 2) and not engine.fused_enabled(big, 1)
     opt.fused = False
