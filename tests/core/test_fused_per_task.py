@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -369,3 +370,49 @@ def test_auto_mode_turns_the_per_task_kernels_on_from_the_threshold() -> None:
     assert engine.fused_enabled(big, 2) and not engine.fused_enabled(big, 1)
     opt.fused = False
     assert not engine.fused_enabled(big, 2)
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_per_task_kernels_allocate_nothing_of_the_parameters_size(
+    drift: bool, tmp_path: Path
+) -> None:
+    """The per-task Gram kernel keeps ``d_k`` and ``d0_k`` in registers (Inductor's recompute
+    options: without them it materialises 2K rows of n with the drift, 8 copies at K = 4), and
+    the apply kernel is one elementwise loop: neither allocates more than its small result."""
+    from test_wrapper_memory import peak_bytes
+
+    k, n = 4, 1 << 18
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(n, generator=gen)
+    operands = [
+        kernels.AdamOperands(
+            m=torch.randn(n, generator=gen),
+            v=torch.rand(n, generator=gen),
+            vmax=None,
+            theta=theta,
+            coef_m=-0.009,
+            coef_g=-0.001,
+            beta2=0.999,
+            one_minus_beta2=0.001,
+            eps_c=1e-8,
+            l2=0.0,
+            maximize=False,
+            one_minus_beta1=0.1,
+            decay=1.0,
+        )
+        for _ in range(k)
+    ]
+    grads = [torch.randn(n, generator=gen) for _ in range(k)]
+    alpha = torch.full((k,), 0.25)
+
+    def gram() -> None:
+        kernels.per_task_gram(grads, operands, lookahead=True, drift=drift)
+
+    def apply() -> None:
+        kernels.per_task_apply(grads, alpha, operands)
+
+    with torch.no_grad():
+        for run in (gram, apply):
+            run()  # compile outside the measure
+            peak = peak_bytes(run, tmp_path)
+            assert peak < 0.01 * n * theta.element_size(), (run.__name__, peak)
