@@ -244,6 +244,18 @@ def test_per_task_fused_training_matches_eager(name: str, monkeypatch: pytest.Mo
     _assert_same(eager, fused)
 
 
+def test_per_task_fused_with_reused_weights_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``solve_every=3, between_solves="reuse_weights"``: the Gram kernel runs on solve steps
+    only, the apply kernel every step."""
+    kwargs: dict[str, Any] = {"solve_every": 3, "between_solves": "reuse_weights"}
+    eager = _train(CONFIGS["adamw"], False, 5, **kwargs)
+    calls = _record_kernel_shapes(monkeypatch)
+    fused = _train(CONFIGS["adamw"], True, 5, **kwargs)
+    assert len(calls["per_task_gram"]) == 2 * 2 and len(calls["per_task_apply"]) == 2 * 5
+    assert [stats.solved for _, stats in fused[2]] == [True, False, False, True, False]
+    _assert_same(eager, fused)
+
+
 @pytest.mark.parametrize("strategy", ["pareto", "pareto-unnormalised"])
 def test_per_task_fused_marginal_space_matches_eager(
     strategy: str, monkeypatch: pytest.MonkeyPatch
