@@ -28,6 +28,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from .rowsparse.grads import nonzero_rows
+from .rowsparse.untouched import row_context, scatter_back
 from .spaces import Space, StepGrams, marginal_from_augmented
 from .transforms import UpdateTransform
 from .transforms import fused as kernels
@@ -105,6 +107,12 @@ class ExactStepEngine:
 
     Attributes:
         fused_failed: a compiled kernel failed once; every later step is eager.
+        untouched_rows: on the eager path with the shared state, a table (2-D or more, at least
+            ``UNTOUCHED_MIN_ROWS`` rows) whose rows reached by any task's gradient are at most
+            ``UNTOUCHED_MAX_SHARE`` of its rows takes its untouched rows once, not once per task:
+            their look-ahead is the drift ``d_0`` for every task, so they add ``||d_0||^2`` to
+            every entry of the update-space Gram matrix (nothing to the marginal one) and receive
+            ``(sum_k alpha_k) d_0``. Equal to the full computation to rounding (default on).
     """
 
     def __init__(
@@ -124,8 +132,12 @@ class ExactStepEngine:
         self.per_task = per_task
         self.diagnostics = diagnostics
         self.fused_failed = False
+        self.untouched_rows = True
         # The eager blocks' scratch, kept for the length of one pass (see _scratch).
         self._buffers: dict[str, Tensor] = {}
+        # Tables whose untouched rows the eager passes take once (see _table), by context id,
+        # from the Gram pass to the apply pass of one step.
+        self._tables: dict[int, _Table] = {}
 
     def _wanted(self) -> _Wanted:
         looks = self.space != "gradient"
@@ -218,7 +230,13 @@ class ExactStepEngine:
         )
         looks = want.lookahead or want.marginal
         self._buffers = {}
+        self._tables = {}
         for ctxs, buf in zip(contexts, buffers, strict=True):
+            table = self._table(ctxs, buf) if looks else None
+            if table is not None:
+                table.add_grams(out)
+                self._tables[id(ctxs[0])] = table
+                continue
             flat = buf.view(k, -1)
             chunk = self._chunk(flat)
             for lo in range(0, flat.shape[1], chunk):
@@ -241,6 +259,19 @@ class ExactStepEngine:
                         out.marginal.add_(torch.mm(d, d.T))
         self._buffers = {}
         return out
+
+    def _table(self, ctxs: Contexts, buf: Tensor) -> _Table | None:
+        """The untouched-rows plan of a table (see :attr:`untouched_rows`), or ``None``."""
+        if not self.untouched_rows or len(ctxs) != 1 or self.space == "gradient":
+            return None
+        if buf.dim() < 3 or buf.shape[1] < UNTOUCHED_MIN_ROWS:
+            return None
+        rows = nonzero_rows(buf)
+        if rows.numel() > UNTOUCHED_MAX_SHARE * buf.shape[1]:
+            return None
+        return _Table.build(
+            self.transform, ctxs[0], buf, rows, self._chunk(buf.view(buf.shape[0], -1))
+        )
 
     def _scratch(self, name: str, rows: int, like: Tensor, zero: bool = False) -> Tensor:
         """A ``[rows, like.shape[1]]`` block of scratch, reused over the blocks of one pass (the
@@ -386,10 +417,19 @@ class ExactStepEngine:
         it)."""
         with_drift = not (isinstance(drift_weight, float) and drift_weight == 0.0)
         self._buffers = {}
+        tables, self._tables = self._tables, {}
         for ctxs, buf in zip(contexts, task_grads, strict=True):
             k = buf.shape[0]
             flat = buf.view(k, -1)
             alpha = weights.to(device=flat.device, dtype=flat.dtype)
+            if keep is None:
+                table = tables.get(id(ctxs[0]))
+                if table is None or table.ctx is not ctxs[0]:  # not from this step's Gram pass
+                    table = self._table(ctxs, buf)
+                if table is not None:  # untouched rows once, touched rows per task
+                    table.apply(alpha, drift_weight)
+                    self.transform.finish(ctxs[0])
+                    continue
             chunk = self._chunk(flat)
             for lo in range(0, flat.shape[1], chunk):
                 hi = min(lo + chunk, flat.shape[1])
@@ -405,7 +445,7 @@ class ExactStepEngine:
                         d0 = self._drift(ctxs, lo, hi, block)
                         mix = d0[0] if len(ctxs) == 1 else (alpha / alpha.sum()) @ d0
                         update = update + mix * drift_weight
-                if len(ctxs) > 1:  # one state per task: each advances with its own gradient
+                if self.per_task:  # one state per task: each advances with its own gradient
                     assert keep is None
                     for j, ctx in enumerate(ctxs):
                         self.transform.advance(ctx, lo, hi, block[j])
@@ -475,6 +515,110 @@ class ExactStepEngine:
         if self.chunk_size is not None:
             return self.chunk_size
         return DEFAULT_CPU_CHUNK if tensor.device.type == "cpu" else max(1, tensor[0].numel())
+
+
+#: See :attr:`ExactStepEngine.untouched_rows`.
+UNTOUCHED_MAX_SHARE = 0.25
+UNTOUCHED_MIN_ROWS = 1024
+
+
+@dataclass
+class _Table:
+    """One step of a table with untouched rows: its touched rows (as a small context over copies
+    of them, :func:`pub_optim.rowsparse.row_context`), the tasks' gradients and look-ahead
+    updates there, the drift on them, and ``||d_0||^2`` over the untouched rows."""
+
+    transform: UpdateTransform
+    ctx: ParamContext
+    rows: Tensor
+    sub: ParamContext
+    values: Tensor  # [K, touched values]
+    updates: Tensor  # [K, touched values]
+    drift: Tensor  # [1, touched values]
+    untouched_sq: Tensor  # 0-d float64
+    chunk: int
+
+    @classmethod
+    def build(
+        cls, transform: UpdateTransform, ctx: ParamContext, buf: Tensor, rows: Tensor, chunk: int
+    ) -> _Table:
+        k = buf.shape[0]
+        sub = row_context(ctx, rows)
+        values = buf.index_select(1, rows).reshape(k, -1)
+        n = values.shape[1]
+        updates = torch.empty_like(values)
+        drift = values.new_empty((1, n))
+        if n:
+            transform.lookahead(sub, 0, n, values, updates)
+            transform.lookahead(sub, 0, n, values.new_zeros((1, n)), drift)
+        table = cls(
+            transform,
+            ctx,
+            rows,
+            sub,
+            values,
+            updates,
+            drift,
+            buf.new_zeros((), dtype=torch.float64),
+            chunk,
+        )
+        table.untouched_sq = table._untouched_drift_sq()
+        return table
+
+    def _blocks(self) -> list[tuple[int, int]]:
+        """Blocks of whole rows over the table, about ``chunk`` values each."""
+        param = self.ctx.param
+        row = param.numel() // param.shape[0]
+        step = max(1, self.chunk // row) * row
+        return [(lo, min(lo + step, param.numel())) for lo in range(0, param.numel(), step)]
+
+    def _untouched_drift_sq(self) -> Tensor:
+        param = self.ctx.param
+        row = param.numel() // param.shape[0]
+        untouched = torch.ones(param.shape[0], dtype=torch.bool, device=param.device)
+        untouched[self.rows] = False
+        total = torch.zeros((), dtype=torch.float64, device=param.device)
+        for lo, hi in self._blocks():
+            d0 = self.values.new_empty((1, hi - lo))
+            self.transform.lookahead(self.ctx, lo, hi, self.values.new_zeros((1, hi - lo)), d0)
+            keep = untouched[lo // row : hi // row].unsqueeze(1)
+            part = d0.view(-1, row).double() * keep
+            total += (part * part).sum()
+        return total
+
+    def add_grams(self, out: StepGrams) -> None:
+        """Add this table's terms: the touched rows' products, and the untouched rows' drift,
+        the same vector for every task."""
+        d, d0, u = self.updates, self.drift, self.untouched_sq
+        if out.gradient is not None:
+            out.gradient.add_(torch.mm(self.values, self.values.T))
+        if out.lookahead is not None:
+            out.lookahead.add_(torch.mm(d, d.T)).add_(u)
+        if out.drift_dots is not None and out.drift_sq is not None:
+            out.drift_dots.add_((d * d0).sum(1, dtype=torch.float64) + u)
+            out.drift_sq.add_((d0 * d0).sum(dtype=torch.float64) + u)
+        if out.marginal is not None:
+            m = d - d0  # zero on the untouched rows
+            out.marginal.add_(torch.mm(m, m.T))
+
+    def apply(self, alpha: Tensor, drift_weight: float | Tensor) -> None:
+        """The whole table steps with a zero gradient and ``(sum_k alpha_k + w) d_0``, then the
+        touched rows are committed with their real gradient and update and written back."""
+        factor = alpha.sum() + drift_weight
+        for lo, hi in self._blocks():
+            zero = self.values.new_zeros((1, hi - lo))
+            d0 = torch.empty_like(zero)
+            self.transform.lookahead(self.ctx, lo, hi, zero, d0)
+            self.transform.commit(self.ctx, lo, hi, zero[0], d0[0].mul_(factor))
+        n = self.values.shape[1]
+        if n == 0:
+            return
+        grad = alpha @ self.values
+        update = alpha @ self.updates
+        if not (isinstance(drift_weight, float) and drift_weight == 0.0):
+            update = update + self.drift[0] * drift_weight
+        self.transform.commit(self.sub, 0, n, grad, update)
+        scatter_back(self.ctx, self.sub, self.rows)
 
 
 def _gradient_gram(task_grads: TaskGrads, k: int, device: torch.device) -> Tensor:

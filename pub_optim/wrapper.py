@@ -275,6 +275,8 @@ class PUB(torch.optim.Optimizer):
                 per_task=state == "per_task",
                 diagnostics=self.diagnostics,
             )
+            # Finding a table's touched rows reads their indices on the host.
+            self._engine.untouched_rows = not sync_free
         # Per (inner) optimizer id: its look-ahead for row-sparse tables, made when one appears.
         self._sparse_transforms: dict[int, SparseRowTransform] = {}
         self._task_states: TaskStates | None = (

@@ -481,3 +481,31 @@ def test_state_dict_hooks_registered_on_pub_are_called() -> None:
     assert state["extra"] == 1
     pub.load_state_dict(state)
     assert calls == ["pre", "post", "load-pre", "load-post"]
+
+
+def test_one_task_with_its_own_state_advances_with_its_own_gradient() -> None:
+    """Unnormalised weights (the step is alpha_0 d_0): the task's state still advances with g_0,
+    as every per-task state does; only the applied update is weighted."""
+    from pub_optim.strategies import Fixed
+
+    model = TwoTower(1)
+    x, y = batch(0, 1)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(model.losses(x, y)[0], params)
+    pub = PUB(
+        torch.optim.Adam(params, lr=1e-2),
+        Fixed([0.5], normalization="none"),
+        state="per_task",
+        shared_params=params,
+        fused=False,
+    )
+    before = [p.detach().clone() for p in params]
+    pub.zero_grad()
+    pub.backward(model.losses(x, y))
+    pub.step()
+    assert pub._task_states is not None
+    store = pub._task_states.stores[0]
+    for p, g, b in zip(params, grads, before, strict=True):
+        torch.testing.assert_close(store[p]["exp_avg"], 0.1 * g)  # (1 - beta1) g_0
+        # the first Adam step is -lr sign(g) (to eps): half of it applied
+        torch.testing.assert_close(p.detach() - b, -0.5e-2 * torch.sign(g), atol=1e-6, rtol=0)
