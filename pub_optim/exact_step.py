@@ -28,7 +28,6 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .rowsparse.grads import nonzero_rows
 from .rowsparse.untouched import row_context, scatter_back
 from .spaces import Space, StepGrams, marginal_from_augmented
 from .transforms import UpdateTransform
@@ -266,7 +265,7 @@ class ExactStepEngine:
             return None
         if buf.dim() < 3 or buf.shape[1] < UNTOUCHED_MIN_ROWS:
             return None
-        rows = nonzero_rows(buf)
+        rows = _touched_rows(buf, self._chunk(buf.view(buf.shape[0], -1)))
         if rows.numel() > UNTOUCHED_MAX_SHARE * buf.shape[1]:
             return None
         return _Table.build(
@@ -515,6 +514,19 @@ class ExactStepEngine:
         if self.chunk_size is not None:
             return self.chunk_size
         return DEFAULT_CPU_CHUNK if tensor.device.type == "cpu" else max(1, tensor[0].numel())
+
+
+def _touched_rows(buf: Tensor, chunk: int) -> Tensor:
+    """Sorted indices of the rows (dim 1 of ``[K, rows, ...]``) where some task's gradient is
+    not zero, in blocks of about ``chunk`` values per task (no ``K x P`` temporary)."""
+    k, n = buf.shape[0], buf.shape[1]
+    flat = buf.reshape(k, n, -1)
+    block = max(1, chunk // max(1, flat.shape[2]))
+    touched = torch.zeros(n, dtype=torch.bool, device=buf.device)
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        touched[lo:hi] = flat[:, lo:hi].ne(0).any(2).any(0)
+    return touched.nonzero().squeeze(1)
 
 
 #: See :attr:`ExactStepEngine.untouched_rows`.
