@@ -12,12 +12,13 @@ each part looked ahead by its own optimizer. LR schedulers attach to the inner o
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .facade import init_facade
 
 
 class _MergedState(MutableMapping[Tensor, dict[str, Any]]):
@@ -99,17 +100,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
         self.optimizers = optimizers
         self._owners = owners
         self.defaults: dict[str, Any] = {}
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = (
-            OrderedDict()
-        )
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = (
-            OrderedDict()
-        )
-        self._patch_step_function()
+        init_facade(self)
 
     def owner(self, param: Tensor) -> torch.optim.Optimizer:
         """The inner optimizer that steps ``param``."""

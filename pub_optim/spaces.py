@@ -82,8 +82,4 @@ def drift_weight(weights: Tensor, normalized: bool) -> float | Tensor:
     return 1.0 - weights.sum()
 
 
-def is_space(value: object) -> bool:
-    return value in SPACES
-
-
-__all__ = ["SPACES", "Space", "StepGrams", "drift_weight", "is_space", "marginal_from_augmented"]
+__all__ = ["SPACES", "Space", "StepGrams", "drift_weight", "marginal_from_augmented"]

@@ -38,7 +38,6 @@ per axis:
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -48,6 +47,7 @@ from torch import Tensor
 
 from .combined import CombinedOptimizer
 from .exact_step import ExactStepEngine, TaskGrads
+from .facade import init_facade
 from .rowsparse import SparseContext, SparseRowTransform, TaskRows, sparse_transform_for
 from .rowsparse import gram as sparse_gram
 from .spaces import SPACES, Space, StepGrams, drift_weight
@@ -239,17 +239,7 @@ class PUB(torch.optim.Optimizer):
         self.check_finite = check_finite
         self.gradient_sync: GradientSync | None = gradient_sync
         self.defaults = optimizer.defaults
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = (
-            OrderedDict()
-        )
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = (
-            OrderedDict()
-        )
-        self._patch_step_function()
+        init_facade(self)
         self._transform: UpdateTransform | None = _dense_transform(optimizer)
         if sync_free and self._transform is None:
             raise ValueError(
@@ -664,14 +654,8 @@ class PUB(torch.optim.Optimizer):
         before anything changes."""
         if not sparse:
             return []
-        if self._task_states is not None or self.sync_free or self.gradient_sync is not None:
-            what = (
-                "state='per_task'"
-                if self._task_states is not None
-                else "sync_free=True"
-                if self.sync_free
-                else "a gradient_sync hook (DDP)"
-            )
+        if self._task_states is not None or self.sync_free:  # (a gradient_sync hook: backward)
+            what = "state='per_task'" if self._task_states is not None else "sync_free=True"
             raise ValueError(
                 f"sparse-gradient parameters (nn.Embedding/EmbeddingBag(sparse=True)) are not "
                 f"supported with {what} yet: use state='shared', sync_free=False and one "

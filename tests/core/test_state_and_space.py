@@ -96,7 +96,6 @@ def test_sgd_momentum_marginal_weights_are_gradient_weights(strategy: str, optio
     gradient = PUB(
         torch.optim.SGD(gradient_model.parameters(), lr=0.05, **options), strategy, space="gradient"
     )
-    update_weights = []
     for step in range(10):
         x, y = batch(step, 2)
         for model, pub in ((marginal_model, marginal), (gradient_model, gradient)):
@@ -105,7 +104,6 @@ def test_sgd_momentum_marginal_weights_are_gradient_weights(strategy: str, optio
             pub.step()
         assert marginal.weights is not None and gradient.weights is not None
         torch.testing.assert_close(marginal.weights, gradient.weights, rtol=1e-5, atol=1e-7)
-        update_weights.append(marginal.weights)
     _close(marginal_model, gradient_model)
 
 
