@@ -140,14 +140,26 @@ def corrected_alpha(num_comparisons: int, alpha: float = ALPHA) -> float:
 
 # ------------------------------------------------------------------------ measured spread
 def per_seed_means(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], dict]:
-    """``(dataset, model, method) -> {seed: mean test AUC}`` from run records."""
+    """``(dataset, model, method) -> {seed: mean test score}`` from run records (the mean over
+    tasks of the test AUC; of the test R² on regression data such as ``rf1``)."""
     out: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
     for r in records:
         k = r["key"]
-        out[(k["dataset"], k["model"], k["method"])][int(k["seed"])] = float(
-            r["test"]["test/mean_auc"]
-        )
+        out[(k["dataset"], k["model"], k["method"])][int(k["seed"])] = mean_test_score(r)
     return out
+
+
+def mean_test_score(record: Mapping[str, Any]) -> float:
+    """A run record's mean test score: ``test/mean_score``, or ``test/mean_auc`` in records
+    written before regression tasks existed."""
+    test = record["test"]
+    return float(test["test/mean_score"] if "test/mean_score" in test else test["test/mean_auc"])
+
+
+def task_score(test: Mapping[str, float], task: str) -> float:
+    """A task's test score in a record's ``test``: its AUC, or its R² for a regression task."""
+    key = f"test/auc/{task}"
+    return float(test[key] if key in test else test[f"test/r2/{task}"])
 
 
 def paired_spread(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], float]:

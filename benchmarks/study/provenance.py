@@ -27,8 +27,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 #: The code a study run executes; a change to any of it makes another study.
 CODE_PATHS = ("pub_optim", "integrations", "benchmarks/study", "pyproject.toml")
-#: The study's own outputs, which change while it runs and are not code.
-OUTPUT_PATHS = ("benchmarks/study/records",)
+#: The study's own outputs and its schedule, which change while it runs and are not code: the
+#: records, the records of the balancing check, and the plan (re-planned from the spread of the
+#: first tranches; which seeds run is in every record's key).
+OUTPUT_PATHS = (
+    "benchmarks/study/records",
+    "benchmarks/study/records_balancing_check",
+    "benchmarks/study/plan.json",
+)
 
 
 class ProvenanceError(ValueError):

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import BASELINE, METHODS
-from .protocol import K2_DUPLICATES, Paired, is_primary
+from .protocol import K2_DUPLICATES, Paired, is_primary, task_score
 from .provenance import ProvenanceError, check_one_code_state
 from .train import RunKey
 
@@ -102,7 +102,7 @@ def build_cells(runs: list[dict[str, Any]]) -> dict[tuple[str, str, str], Cell]:
         index = (key["dataset"], key["model"], key["method"])
         tasks = tuple(run["task_names"])
         cell = cells.setdefault(index, Cell(*index, task_names=tasks))
-        cell.aucs[int(key["seed"])] = [float(run["test"][f"test/auc/{t}"]) for t in tasks]
+        cell.aucs[int(key["seed"])] = [task_score(run["test"], t) for t in tasks]
         cell.wall.append(float(run["wall_time_s"]))
         cell.epochs.append(int(run["epochs_run"]))
     return cells

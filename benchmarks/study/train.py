@@ -160,8 +160,9 @@ class ScaledLossModule(RankingModule):
         lr: float,
         weight_decay: float,
         loss_scales: Sequence[float] | None = None,
+        task_kinds: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(model, lr=lr, weight_decay=weight_decay)
+        super().__init__(model, lr=lr, weight_decay=weight_decay, task_kinds=task_kinds)
         scales = tuple(loss_scales) if loss_scales is not None else (1.0,) * len(self.task_names)
         if len(scales) != len(self.task_names) or not all(x > 0 for x in scales):
             raise ValueError(
@@ -192,8 +193,9 @@ class LossWeightedModule(ScaledLossModule):
         weight_decay: float,
         weighting: str,
         loss_scales: Sequence[float] | None = None,
+        task_kinds: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(model, lr, weight_decay, loss_scales)
+        super().__init__(model, lr, weight_decay, loss_scales, task_kinds)
         k = len(self.task_names)
         self.weighting_name = weighting
         self.uw: UncertaintyWeighting | None = None
@@ -310,6 +312,7 @@ def train_method(
     )
     config = make_config(key, settings, balancer=method.balancer if named else "equal")
     built: list[RankingModule] = []
+    kinds = data.kinds()
     factory: Callable[[MultiTaskModel], RankingModule] | None = None
     if method.kind == "loss-weighting" or scales is not None or settings.model_transforms:
 
@@ -318,12 +321,16 @@ def train_method(
             module: RankingModule
             if method.kind == "loss-weighting":
                 module = LossWeightedModule(
-                    model, settings.lr, settings.weight_decay, method.name, scales
+                    model, settings.lr, settings.weight_decay, method.name, scales, kinds
                 )
             elif scales is not None:
-                module = ScaledLossModule(model, settings.lr, settings.weight_decay, scales)
+                module = ScaledLossModule(
+                    model, settings.lr, settings.weight_decay, scales, task_kinds=kinds
+                )
             else:
-                module = RankingModule(model, lr=settings.lr, weight_decay=settings.weight_decay)
+                module = RankingModule(
+                    model, lr=settings.lr, weight_decay=settings.weight_decay, task_kinds=kinds
+                )
             built.append(module)
             return module
 
@@ -391,7 +398,7 @@ def result_json(
         "task_names": list(outcome.task_names),
         "test": outcome.test,
         "best_epoch": outcome.best_epoch,
-        "best_val_mean_auc": outcome.best_val,
+        "best_val_mean_score": outcome.best_val,
         "epochs_run": outcome.epochs_run,
         "wall_time_s": outcome.wall_time_s,
         "history": outcome.history,

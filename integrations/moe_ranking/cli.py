@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-path", type=Path, help="adult: a copy of the Adult file")
     data.add_argument(
         "--data-dir", type=Path, help="aliexpress: folder holding AliExpress_<country>/ "
-        "(default ./data); movielens: folder holding the MovieLens100k_*.parquet.brotli files"
+        "(default ./data); movielens: folder holding the MovieLens100k_*.parquet.brotli files; "
+        "rf1: folder holding rf1_train.parquet.brotli and rf1_test.parquet.brotli"
     )  # fmt: skip
     data.add_argument("--country", choices=("NL", "ES", "FR", "US"), default="NL")
     data.add_argument("--max-rows", type=_positive_int, help="aliexpress: read only this many rows")
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-path", type=Path, help="adult: where the Adult file is now (default: the run's)"
     )
     predict.add_argument(
-        "--data-dir", type=Path, help="aliexpress, movielens: where the files are now"
+        "--data-dir", type=Path, help="aliexpress, movielens, rf1: where the files are now"
     )
     predict.add_argument("--batch-size", type=_positive_int, default=4096)
     predict.add_argument("--threads", type=_positive_int, default=1)
@@ -229,6 +230,8 @@ def _data_options(args: argparse.Namespace) -> dict[str, Any]:
         return {"path": args.data_path}
     if args.data == "movielens":
         return {"data_dir": args.data_dir, "num_tasks": args.num_tasks}
+    if args.data == "rf1":
+        return {"data_dir": args.data_dir}
     if args.data == "aliexpress":
         return {
             "root": args.data_dir if args.data_dir is not None else Path("data"),
@@ -281,9 +284,19 @@ def write_run(folder: Path, result: Any, title: str) -> None:
         plot_expert_load(result.expert_load, folder / "experts.png", title=f"{title}: expert load")
 
 
+def _metric_key(test: dict[str, float], metric: str, task: str) -> str:
+    """``test/<metric>/<task>``; the metric ``score`` is the AUC of a binary task and the R² of
+    a regression task."""
+    if metric != "score":
+        return f"test/{metric}/{task}"
+    auc = f"test/auc/{task}"
+    return auc if auc in test else f"test/r2/{task}"
+
+
 def format_table(results: dict[str, Any], metric: str = "auc") -> str:
     """Per-task table of a test metric, one column per run, plus the difference to the first;
-    the last row is the mean over tasks."""
+    the last row is the mean over tasks. ``metric="score"``: AUC of binary tasks, R² of
+    regression tasks."""
     names = list(results)
     first = results[names[0]]
     tasks = list(first.task_names)
@@ -293,7 +306,11 @@ def format_table(results: dict[str, Any], metric: str = "auc") -> str:
     lines = [header, "-" * len(header)]
     rows = [*tasks, "mean"]
     per_task = {
-        n: [results[n].test.get(f"test/{metric}/{t}", float("nan")) for t in tasks] for n in names
+        n: [
+            results[n].test.get(_metric_key(results[n].test, metric, t), float("nan"))
+            for t in tasks
+        ]
+        for n in names
     }
     for row, task in enumerate(rows):
         if task == "mean":
@@ -350,9 +367,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         title = f"{data.name}, {args.model}{suffix}, {args.balancer}, seed {args.seed}"
         write_run(folder, result, title)
         save_model(folder / MODEL_FILE, result.model, asdict(result.config), data)
-    print(f"\n{data.name} / {args.model}{suffix} / {args.balancer}: test metrics "
+    metric = "AUC" if "regression" not in data.kinds() else "AUC / R² (regression tasks)"
+    print(f"\n{data.name} / {args.model}{suffix} / {args.balancer}: test {metric} "
           f"(best epoch {result.best_epoch + 1}, {result.wall_time_s:.0f} s)")  # fmt: skip
-    print(format_table({args.balancer: result}, "auc"))
+    print(format_table({args.balancer: result}, "score"))
     if result.expert_load:
         dead = {k: int(v) for k, v in result.expert_load.items() if k.endswith("/dead")}
         print(f"expert load (last epoch): dead experts {dead}")
@@ -388,7 +406,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overrides[key] = str(args.data_dir)
     data = load_data_for(run, **overrides)
     rows, logits = predict(model, data.test, args.task, batch_size=args.batch_size)
-    write_scores(args.out, rows, logits)
+    index = data.task_names.index(args.task)
+    kind, units = data.kinds()[index], (0.0, 1.0)
+    if "target_scale" in data.info:  # regression labels centred and scaled by the loader
+        units = (data.info["target_mean"][index], data.info["target_scale"])  # type: ignore[index]
+    write_scores(args.out, rows, logits, kind=kind, units=units)
     print(f"{data.name} / {run.config['model']}: scored {len(rows)} of {len(data.test)} test "
           f"rows for task {args.task}; wrote {args.out}")  # fmt: skip
     return 0

@@ -1,4 +1,5 @@
-"""Per-task ranking metrics (AUC, log loss) through torchmetrics, and expert-load statistics."""
+"""Per-task metrics (AUC and log loss of binary tasks through torchmetrics, R² and RMSE of
+regression tasks) and expert-load statistics."""
 
 from __future__ import annotations
 
@@ -17,22 +18,67 @@ except ImportError as _exc:
 
     raise missing_extra("torchmetrics", _exc, "the AUC and log-loss metrics") from _exc
 
+from .data.base import BINARY, REGRESSION
 from .models.base import TASK_GROUP_SEP
 
 
-class TaskMetrics(nn.Module):
-    """AUC and log loss per task, plus the mean AUC over tasks, for one split.
+class _SquaredError:
+    """Sums for the R² and RMSE of one regression task over a split, in float64."""
 
-    Keys of :meth:`compute`: ``{prefix}/auc/{task}``, ``{prefix}/logloss/{task}`` and
-    ``{prefix}/mean_auc``.
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.sum_y = self.sum_y2 = self.sum_sq_error = 0.0
+
+    def update(self, prediction: Tensor, target: Tensor) -> None:
+        y, p = target.double(), prediction.double()
+        self.n += int(y.numel())
+        self.sum_y += float(y.sum())
+        self.sum_y2 += float((y * y).sum())
+        self.sum_sq_error += float(((p - y) ** 2).sum())
+
+    def compute(self) -> tuple[float, float]:
+        """``(r2, rmse)``; R² is ``1 - SSE / SST`` with the split's own label mean (NaN when the
+        labels are constant or there are none)."""
+        if self.n == 0:
+            return float("nan"), float("nan")
+        sst = self.sum_y2 - self.sum_y * self.sum_y / self.n
+        r2 = 1.0 - self.sum_sq_error / sst if sst > 0 else float("nan")
+        return r2, math.sqrt(self.sum_sq_error / self.n)
+
+
+class TaskMetrics(nn.Module):
+    """Per-task metrics for one split, and their mean over tasks as the split's score.
+
+    Keys of :meth:`compute`: for a binary task ``{prefix}/auc/{task}`` and
+    ``{prefix}/logloss/{task}``, for a regression task ``{prefix}/r2/{task}`` and
+    ``{prefix}/rmse/{task}`` (in label units); ``{prefix}/mean_score``, the mean over tasks of the
+    AUC of binary tasks and the R² of regression tasks (what early stopping and model selection
+    follow); and ``{prefix}/mean_auc`` when every task is binary, ``{prefix}/mean_r2`` when every
+    task is a regression.
     """
 
-    def __init__(self, task_names: Sequence[str], prefix: str) -> None:
+    def __init__(
+        self, task_names: Sequence[str], prefix: str, kinds: Sequence[str] | None = None
+    ) -> None:
         super().__init__()
         self.task_names = tuple(task_names)
         self.prefix = prefix
-        self.auc = nn.ModuleDict({t: BinaryAUROC() for t in self.task_names})
-        self.logloss = nn.ModuleDict({t: MeanMetric() for t in self.task_names})
+        self.kinds = tuple(kinds) if kinds is not None else (BINARY,) * len(self.task_names)
+        if len(self.kinds) != len(self.task_names) or set(self.kinds) - {BINARY, REGRESSION}:
+            raise ValueError(
+                f"need 'binary' or 'regression' per task {self.task_names}, got {self.kinds}"
+            )
+        binary = [t for t, k in zip(self.task_names, self.kinds, strict=True) if k == BINARY]
+        self.auc = nn.ModuleDict({t: BinaryAUROC() for t in binary})
+        self.logloss = nn.ModuleDict({t: MeanMetric() for t in binary})
+        self.squared_error = {
+            t: _SquaredError()
+            for t, k in zip(self.task_names, self.kinds, strict=True)
+            if k == REGRESSION
+        }
 
     @torch.no_grad()
     def update(self, logits: dict[str, Tensor], labels: Tensor, mask: Tensor | None = None) -> None:
@@ -44,24 +90,40 @@ class TaskMetrics(nn.Module):
                 y, z = y[rows], z[rows]
                 if y.numel() == 0:
                     continue
+            if t in self.squared_error:
+                self.squared_error[t].update(z, y)
+                continue
             self.auc[t].update(torch.sigmoid(z), y.long())
             self.logloss[t].update(F.binary_cross_entropy_with_logits(z, y, reduction="none"))
 
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        aucs = []
+        scores = []
         for t in self.task_names:
+            if t in self.squared_error:
+                r2, rmse = self.squared_error[t].compute()
+                scores.append(r2)
+                out[f"{self.prefix}/r2/{t}"] = r2
+                out[f"{self.prefix}/rmse/{t}"] = rmse
+                continue
             auc = float(self.auc[t].compute())
-            aucs.append(auc)
+            scores.append(auc)
             out[f"{self.prefix}/auc/{t}"] = auc
             out[f"{self.prefix}/logloss/{t}"] = float(self.logloss[t].compute())
-        out[f"{self.prefix}/mean_auc"] = sum(aucs) / len(aucs)
+        mean = sum(scores) / len(scores)
+        out[f"{self.prefix}/mean_score"] = mean
+        if REGRESSION not in self.kinds:
+            out[f"{self.prefix}/mean_auc"] = mean
+        elif BINARY not in self.kinds:
+            out[f"{self.prefix}/mean_r2"] = mean
         return out
 
     def reset(self) -> None:
-        for t in self.task_names:
+        for t in self.auc:
             self.auc[t].reset()
             self.logloss[t].reset()
+        for e in self.squared_error.values():
+            e.reset()
 
 
 class ExpertLoad:

@@ -28,9 +28,9 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
 def plot_runs(runs: Mapping[str, RunResult], path: str | Path, title: str = "") -> Path:
     """One figure for one or more runs (labelled by the mapping's keys), saved as PNG.
 
-    Left: validation AUC per task per epoch (line style per run, colour per task). Right: the
-    weight of each task applied at each training step (normalised to sum to 1; smoothed over 20
-    steps), which is ``1/K`` throughout for equal weighting.
+    Left: validation AUC (R² of a regression task) per task per epoch (line style per run,
+    colour per task). Right: the weight of each task applied at each training step (normalised
+    to sum to 1; smoothed over 20 steps), which is ``1/K`` throughout for equal weighting.
     """
     from ._extras import require
 
@@ -45,8 +45,11 @@ def plot_runs(runs: Mapping[str, RunResult], path: str | Path, title: str = "") 
         style = styles[r % len(styles)]
         for i, task in enumerate(run.task_names):
             colour = colours[i % len(colours)]
-            epochs = [row["epoch"] + 1 for row in run.history if f"val/auc/{task}" in row]
-            aucs = [row[f"val/auc/{task}"] for row in run.history if f"val/auc/{task}" in row]
+            key = f"val/auc/{task}"
+            if not any(key in row for row in run.history):
+                key = f"val/r2/{task}"
+            epochs = [row["epoch"] + 1 for row in run.history if key in row]
+            aucs = [row[key] for row in run.history if key in row]
             ax_auc.plot(epochs, aucs, style, color=colour, marker=".", label=f"{task} ({label})")
             steps = [row["step"] for row in run.weights]
             weights = _smooth([row[task] for row in run.weights], 20)
@@ -54,8 +57,8 @@ def plot_runs(runs: Mapping[str, RunResult], path: str | Path, title: str = "") 
         if run.best_epoch >= 0:
             ax_auc.axvline(run.best_epoch + 1, color="grey", linestyle=style, linewidth=0.8)
     ax_auc.set_xlabel("epoch")
-    ax_auc.set_ylabel("validation AUC")
-    ax_auc.set_title("validation AUC per task (grey: best epoch)")
+    ax_auc.set_ylabel("validation AUC (R² for regression)")
+    ax_auc.set_title("validation score per task (grey: best epoch)")
     ax_auc.legend(fontsize=8)
     ax_auc.grid(alpha=0.3)
     ax_w.set_xlabel("training step")

@@ -215,17 +215,31 @@ def check_output_file(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
-def write_scores(path: str | Path, rows: Tensor, logits: Tensor) -> Path:
-    """``row,logit,probability`` per scored row, written to a temporary file renamed into place
-    (a failed write leaves no partial file)."""
+def write_scores(
+    path: str | Path,
+    rows: Tensor,
+    logits: Tensor,
+    kind: str = "binary",
+    units: tuple[float, float] = (0.0, 1.0),
+) -> Path:
+    """``row,logit,probability`` per scored row of a binary task, ``row,prediction,value`` of a
+    regression task (``prediction`` in label units, ``value = offset + scale * prediction`` in
+    the data's units, with ``units = (offset, scale)``), written to a temporary file renamed
+    into place (a failed write leaves no partial file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("row,logit,probability\n")
-            probs = torch.sigmoid(logits.double())
-            for r, z, p in zip(rows.tolist(), logits.tolist(), probs.tolist(), strict=True):
+            if kind == "binary":
+                f.write("row,logit,probability\n")
+                second = torch.sigmoid(logits.double())
+            elif kind == "regression":
+                f.write("row,prediction,value\n")
+                second = units[0] + units[1] * logits.double()
+            else:
+                raise ValueError(f"unknown task kind {kind!r}")
+            for r, z, p in zip(rows.tolist(), logits.tolist(), second.tolist(), strict=True):
                 f.write(f"{r},{z:.9g},{p:.9g}\n")
         os.replace(tmp, path)
     except BaseException:

@@ -29,9 +29,9 @@ except ImportError as _exc:
 
     raise missing_extra("pytorch_lightning", _exc, "training (PyTorch Lightning)") from _exc
 
-from .data.base import Batch, MultiTaskData, make_loader
+from .data.base import BINARY, Batch, MultiTaskData, make_loader
 from .errors import ConfigError
-from .losses import task_bce
+from .losses import task_losses
 from .metrics import ExpertLoad, TaskMetrics
 from .models import MultiTaskModel, build_model
 
@@ -44,7 +44,9 @@ VARIANT_BALANCERS: dict[str, dict[str, str]] = {
 }
 GRADIENT_BALANCERS = {"nash-mtl": "pareto", "mgda": "min-norm", "imtl-g": "equal-magnitude"}
 BALANCERS = ("equal", *UPDATE_BALANCERS, *VARIANT_BALANCERS, *GRADIENT_BALANCERS)
-MONITOR = "val/mean_auc"
+#: What early stopping and the best-epoch restore follow: the mean over tasks of the validation AUC
+#: (binary tasks) and R² (regression tasks); ``val/mean_auc`` on data with binary tasks only.
+MONITOR = "val/mean_score"
 
 
 @dataclass
@@ -111,15 +113,29 @@ def make_balancer_callback(balancer: str) -> Callback | None:
 
 
 class RankingModule(pl.LightningModule):
-    """Binary cross-entropy per task (+ the model's per-task auxiliary losses), Adam, metrics."""
+    """One loss per task (+ the model's per-task auxiliary losses), Adam, metrics.
 
-    def __init__(self, model: MultiTaskModel, lr: float = 1e-3, weight_decay: float = 1e-6) -> None:
+    A binary task trains on the binary cross-entropy of its logit, a regression task on the
+    squared error of its output (``task_kinds``, from ``MultiTaskData.kinds()``; default: every
+    task binary).
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        task_kinds: Sequence[str] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.task_names = tuple(model.task_names)
+        self.task_kinds = (
+            tuple(task_kinds) if task_kinds is not None else (BINARY,) * len(self.task_names)
+        )
         self.lr, self.weight_decay = lr, weight_decay
-        self.val_metrics = TaskMetrics(self.task_names, "val")
-        self.test_metrics = TaskMetrics(self.task_names, "test")
+        self.val_metrics = TaskMetrics(self.task_names, "val", self.task_kinds)
+        self.test_metrics = TaskMetrics(self.task_names, "test", self.task_kinds)
         self.expert_load = ExpertLoad()
         self.last_expert_load: dict[str, float] = {}
         self._loss_sums: dict[str, float] = {}
@@ -135,7 +151,9 @@ class RankingModule(pl.LightningModule):
     def task_losses(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(per-task losses incl. auxiliary terms, logits)."""
         logits = self.model(batch)
-        losses = task_bce(logits, batch["labels"], self.task_names, batch.get("task_mask"))
+        losses = task_losses(
+            logits, batch["labels"], self.task_names, batch.get("task_mask"), self.task_kinds
+        )
         for t, aux in self.model.aux_losses().items():
             losses[t] = losses[t] + aux
         return losses, logits
@@ -179,9 +197,9 @@ class RankingModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         results = self.val_metrics.compute()
         self.val_metrics.reset()
-        mean_auc = results.pop(MONITOR)
+        score = results.pop(MONITOR)
         self.log_dict(results)
-        self.log(MONITOR, mean_auc, prog_bar=True)
+        self.log(MONITOR, score, prog_bar=True)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self.test_metrics.update(self.model(batch), batch["labels"], batch.get("task_mask"))
@@ -290,13 +308,18 @@ class RunResult:
     def test_auc(self, task: str) -> float:
         return self.test[f"test/auc/{task}"]
 
+    def test_score(self, task: str) -> float:
+        """The task's test AUC (binary task) or R² (regression task)."""
+        key = f"test/auc/{task}"
+        return self.test[key] if key in self.test else self.test[f"test/r2/{task}"]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "config": asdict(self.config),
             "task_names": list(self.task_names),
             "test": self.test,
             "best_epoch": self.best_epoch,
-            "best_val_mean_auc": self.best_val,
+            "best_val_mean_score": self.best_val,
             "epochs_run": self.epochs_run,
             "wall_time_s": self.wall_time_s,
             "expert_load_last_epoch": self.expert_load,
@@ -373,9 +396,16 @@ def run_training(
         config.model, data, esmm=config.esmm, embed_dim=config.embed_dim, **config.model_options
     )
     if module_factory is None:
-        module = RankingModule(model, lr=config.lr, weight_decay=config.weight_decay)
+        module = RankingModule(
+            model, lr=config.lr, weight_decay=config.weight_decay, task_kinds=data.kinds()
+        )
     else:
         module = module_factory(model)
+        if module.task_kinds != data.kinds():
+            raise ConfigError(
+                f"the module factory built a module for task kinds {module.task_kinds}, but "
+                f"{data.name!r} has {data.kinds()}; pass task_kinds=data.kinds() to RankingModule"
+            )
     best, history = BestWeights(), History(model.task_names)
     callbacks: list[Callback] = [
         EarlyStopping(monitor=MONITOR, mode="max", patience=config.patience),

@@ -50,6 +50,10 @@ def test_code_state_follows_the_code_not_the_records(repo: Path) -> None:
     record.parent.mkdir(parents=True)
     record.write_text("{}")
     (repo / "docs/x.md").write_text("changed\n")
+    (repo / "benchmarks/study/plan.json").write_text("{}")  # re-planning is not a code change
+    check = repo / "benchmarks/study/records_balancing_check/full-y/seed0.json"
+    check.parent.mkdir(parents=True)
+    check.write_text("{}")
     assert code_state(repo)["dirty"] is False
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "records")

@@ -1,5 +1,5 @@
-"""Datasets with train-only preprocessing: UCI Adult (the default), MovieLens-100K, AliExpress and
-synthetic tasks."""
+"""Datasets with train-only preprocessing: UCI Adult (the default), MovieLens-100K, AliExpress,
+River Flow 1 (eight regression tasks) and synthetic tasks."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ from typing import Any
 from ..errors import ConfigError
 from .adult import load_adult
 from .aliexpress import load_aliexpress
-from .base import Batch, MultiTaskData, Split, make_loader
+from .base import BINARY, REGRESSION, Batch, MultiTaskData, Split, make_loader
 from .movielens import load_movielens
+from .rf1 import load_rf1
 from .synthetic import make_synthetic
 
-DATASETS = ("adult", "movielens", "aliexpress", "synthetic")
+DATASETS = ("adult", "movielens", "aliexpress", "rf1", "synthetic")
 
 __all__ = [
+    "BINARY",
     "DATASETS",
+    "REGRESSION",
     "Batch",
     "MultiTaskData",
     "Split",
@@ -23,6 +26,7 @@ __all__ = [
     "load_aliexpress",
     "load_data",
     "load_movielens",
+    "load_rf1",
     "make_loader",
     "make_synthetic",
 ]
@@ -35,6 +39,7 @@ def load_data(name: str, **options: Any) -> MultiTaskData:
         "adult": load_adult,
         "movielens": load_movielens,
         "aliexpress": load_aliexpress,
+        "rf1": load_rf1,
         "synthetic": make_synthetic,
     }
     if name not in loaders:

@@ -2,7 +2,8 @@
 
 A batch is a ``dict`` with ``"cat"`` (int64 ``[B, F]``, vocabulary ids per categorical field),
 ``"num"`` (float32 ``[B, D]``, standardised numeric features) and ``"labels"`` (float32 ``[B, K]``,
-one 0/1 column per task, in ``task_names`` order). Datasets with a behaviour sequence add
+one column per task, in ``task_names`` order: 0/1 for a binary task, a real value for a regression
+task, see ``MultiTaskData.task_kinds``). Datasets with a behaviour sequence add
 ``"history"`` (int64 ``[B, L]``, item ids in time order, newest last, 0 = padding in front), those
 with text ``"text"`` (int64 ``[B, T]``, hashed n-gram ids, 0 = padding); see ``MultiTaskData.info``
 for their vocabularies. Data whose rows belong to some tasks only (the scenario rows of GRec, Wang
@@ -20,6 +21,11 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 Batch = dict[str, Tensor]
+
+BINARY = "binary"
+REGRESSION = "regression"
+#: What a task predicts: a 0/1 label (cross-entropy, AUC) or a real value (squared error, R²).
+TASK_KINDS = (BINARY, REGRESSION)
 
 
 @dataclass
@@ -111,6 +117,9 @@ class MultiTaskData:
             positive of the second is a positive of the first), which enables the ESMM option;
             else None.
         info: free-form provenance (source file, split sizes, licence notes).
+        task_kinds: ``"binary"`` or ``"regression"`` per task (empty: every task is binary).
+            Binary tasks train on cross-entropy and are scored by AUC; regression tasks train on
+            the squared error and are scored by R².
     """
 
     name: str
@@ -123,12 +132,30 @@ class MultiTaskData:
     test: Split
     funnel: tuple[str, str] | None = None
     info: dict[str, object] = field(default_factory=dict)
+    task_kinds: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.task_kinds:
+            if len(self.task_kinds) != len(self.task_names):
+                raise ValueError(
+                    f"task_kinds {self.task_kinds} must give one kind per task {self.task_names}"
+                )
+            unknown = sorted(set(self.task_kinds) - set(TASK_KINDS))
+            if unknown:
+                raise ValueError(f"unknown task kinds {unknown}; choose from {TASK_KINDS}")
+        if self.funnel is not None and any(k != BINARY for k in self.kinds()):
+            raise ValueError("funnel tasks (ESMM) must be binary")
+
+    def kinds(self) -> tuple[str, ...]:
+        """The kind of every task, in ``task_names`` order."""
+        return self.task_kinds or (BINARY,) * len(self.task_names)
 
     def splits(self) -> dict[str, Split]:
         return {"train": self.train, "val": self.val, "test": self.test}
 
     def describe(self) -> str:
-        """One line per split with size and positive rates, for logs."""
+        """One line per split with size and positive rates (label means of regression tasks),
+        for logs."""
         lines = [
             f"{self.name}: tasks {', '.join(self.task_names)}; {len(self.cat_names)} categorical "
             f"fields, {len(self.num_names)} numeric features"
@@ -137,7 +164,8 @@ class MultiTaskData:
             rates = ", ".join(
                 f"{t} {r:.3f}" for t, r in zip(self.task_names, split.positive_rate(), strict=True)
             )
-            line = f"  {split_name:5s} {len(split):7d} rows; positive rate {rates}"
+            what = "positive rate" if REGRESSION not in self.kinds() else "label mean"
+            line = f"  {split_name:5s} {len(split):7d} rows; {what} {rates}"
             if split.mask is not None:
                 line += "; rows per task " + ", ".join(str(r) for r in split.task_rows())
             lines.append(line)
