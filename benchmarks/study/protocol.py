@@ -158,8 +158,9 @@ def mean_test_score(record: Mapping[str, Any]) -> float:
 
 def task_score(test: Mapping[str, float], task: str) -> float:
     """A task's test score in a record's ``test``: its AUC, or its R² for a regression task."""
-    key = f"test/auc/{task}"
-    return float(test[key] if key in test else test[f"test/r2/{task}"])
+    from integrations.moe_ranking.metrics import score_key
+
+    return float(test[score_key(test, task)])
 
 
 def paired_spread(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], float]:

@@ -287,10 +287,9 @@ def write_run(folder: Path, result: Any, title: str) -> None:
 def _metric_key(test: dict[str, float], metric: str, task: str) -> str:
     """``test/<metric>/<task>``; the metric ``score`` is the AUC of a binary task and the R² of
     a regression task."""
-    if metric != "score":
-        return f"test/{metric}/{task}"
-    auc = f"test/auc/{task}"
-    return auc if auc in test else f"test/r2/{task}"
+    from .metrics import score_key
+
+    return score_key(test, task) if metric == "score" else f"test/{metric}/{task}"
 
 
 def format_table(results: dict[str, Any], metric: str = "auc") -> str:

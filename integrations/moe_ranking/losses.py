@@ -23,6 +23,9 @@ from torch import Tensor
 
 from .data.base import BINARY, REGRESSION
 
+#: Per-row loss of each task kind (``reduction`` as in torch.nn.functional).
+_LOSSES = {BINARY: F.binary_cross_entropy_with_logits, REGRESSION: F.mse_loss}
+
 
 def task_bce(
     logits: Mapping[str, Tensor],
@@ -30,7 +33,8 @@ def task_bce(
     task_names: Sequence[str],
     mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Binary cross-entropy per task: the mean over all rows, or over the task's rows of ``mask``.
+    """Binary cross-entropy per task: the mean over all rows, or over the task's rows of ``mask``
+    (:func:`task_losses` with every task binary).
 
     Args:
         logits: ``{task: [B]}``.
@@ -38,15 +42,7 @@ def task_bce(
         task_names: the tasks, in label-column order.
         mask: optional bool ``[B, K]``; row ``b`` counts for task ``k`` where it is True.
     """
-    losses = {}
-    for i, t in enumerate(task_names):
-        if mask is None:
-            losses[t] = F.binary_cross_entropy_with_logits(logits[t], labels[:, i])
-            continue
-        rows = mask[:, i].to(logits[t].dtype)
-        per_row = F.binary_cross_entropy_with_logits(logits[t], labels[:, i], reduction="none")
-        losses[t] = (per_row * rows).sum() / rows.sum().clamp(min=1.0)
-    return losses
+    return task_losses(logits, labels, task_names, mask)
 
 
 def task_losses(
@@ -57,7 +53,8 @@ def task_losses(
     kinds: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
     """The loss of every task by its kind: binary cross-entropy of the logit for a binary task,
-    the mean squared error of the output for a regression task.
+    the mean squared error of the output for a regression task; the mean over all rows, or over
+    the task's rows of ``mask``.
 
     Args:
         outputs: ``{task: [B]}`` (logits of binary tasks, predictions of regression tasks).
@@ -69,19 +66,15 @@ def task_losses(
     kinds = tuple(kinds) if kinds is not None else (BINARY,) * len(task_names)
     if len(kinds) != len(task_names):
         raise ValueError(f"need one task kind per task {tuple(task_names)}, got {kinds}")
-    if REGRESSION not in kinds:
-        return task_bce(outputs, labels, task_names, mask)
     losses = {}
     for i, (t, kind) in enumerate(zip(task_names, kinds, strict=True)):
-        if kind == BINARY:
-            per_row = F.binary_cross_entropy_with_logits(outputs[t], labels[:, i], reduction="none")
-        elif kind == REGRESSION:
-            per_row = F.mse_loss(outputs[t], labels[:, i], reduction="none")
-        else:
+        if kind not in _LOSSES:
             raise ValueError(f"unknown task kind {kind!r} for task {t!r}")
+        loss = _LOSSES[kind]
         if mask is None:
-            losses[t] = per_row.mean()
+            losses[t] = loss(outputs[t], labels[:, i])
             continue
+        per_row = loss(outputs[t], labels[:, i], reduction="none")
         rows = mask[:, i].to(per_row.dtype)
         losses[t] = (per_row * rows).sum() / rows.sum().clamp(min=1.0)
     return losses

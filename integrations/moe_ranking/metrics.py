@@ -22,6 +22,13 @@ from .data.base import BINARY, REGRESSION
 from .models.base import TASK_GROUP_SEP
 
 
+def score_key(metrics: Mapping[str, float], task: str, prefix: str = "test") -> str:
+    """The key of ``task``'s score in ``metrics`` (what :meth:`TaskMetrics.compute` returns):
+    ``{prefix}/auc/{task}`` for a binary task, ``{prefix}/r2/{task}`` for a regression task."""
+    auc = f"{prefix}/auc/{task}"
+    return auc if auc in metrics else f"{prefix}/r2/{task}"
+
+
 class _SquaredError:
     """Sums for the R² and RMSE of one regression task over a split, in float64."""
 
@@ -30,23 +37,24 @@ class _SquaredError:
 
     def reset(self) -> None:
         self.n = 0
-        self.sum_y = self.sum_y2 = self.sum_sq_error = 0.0
+        #: ``[sum y, sum y², sum (p - y)²]`` on the batches' device, read once in ``compute``.
+        self.sums: Tensor | None = None
 
     def update(self, prediction: Tensor, target: Tensor) -> None:
         y, p = target.double(), prediction.double()
         self.n += int(y.numel())
-        self.sum_y += float(y.sum())
-        self.sum_y2 += float((y * y).sum())
-        self.sum_sq_error += float(((p - y) ** 2).sum())
+        batch = torch.stack([y.sum(), (y * y).sum(), ((p - y) ** 2).sum()])
+        self.sums = batch if self.sums is None else self.sums + batch
 
     def compute(self) -> tuple[float, float]:
         """``(r2, rmse)``; R² is ``1 - SSE / SST`` with the split's own label mean (NaN when the
         labels are constant or there are none)."""
-        if self.n == 0:
+        if self.n == 0 or self.sums is None:
             return float("nan"), float("nan")
-        sst = self.sum_y2 - self.sum_y * self.sum_y / self.n
-        r2 = 1.0 - self.sum_sq_error / sst if sst > 0 else float("nan")
-        return r2, math.sqrt(self.sum_sq_error / self.n)
+        sum_y, sum_y2, sse = (float(v) for v in self.sums.cpu())
+        sst = sum_y2 - sum_y * sum_y / self.n
+        r2 = 1.0 - sse / sst if sst > 0 else float("nan")
+        return r2, math.sqrt(sse / self.n)
 
 
 class TaskMetrics(nn.Module):

@@ -49,8 +49,8 @@ def plot_runs(runs: Mapping[str, RunResult], path: str | Path, title: str = "") 
             if not any(key in row for row in run.history):
                 key = f"val/r2/{task}"
             epochs = [row["epoch"] + 1 for row in run.history if key in row]
-            aucs = [row[key] for row in run.history if key in row]
-            ax_auc.plot(epochs, aucs, style, color=colour, marker=".", label=f"{task} ({label})")
+            scores = [row[key] for row in run.history if key in row]
+            ax_auc.plot(epochs, scores, style, color=colour, marker=".", label=f"{task} ({label})")
             steps = [row["step"] for row in run.weights]
             weights = _smooth([row[task] for row in run.weights], 20)
             ax_w.plot(steps, weights, style, color=colour, label=f"{task} ({label})")

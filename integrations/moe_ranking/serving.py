@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data.base import MultiTaskData, Split
+from .data.base import BINARY, REGRESSION, MultiTaskData, Split
 from .errors import ConfigError, DataError
 from .models import MultiTaskModel, build_model
 
@@ -219,7 +219,7 @@ def write_scores(
     path: str | Path,
     rows: Tensor,
     logits: Tensor,
-    kind: str = "binary",
+    kind: str = BINARY,
     units: tuple[float, float] = (0.0, 1.0),
 ) -> Path:
     """``row,logit,probability`` per scored row of a binary task, ``row,prediction,value`` of a
@@ -231,10 +231,10 @@ def write_scores(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if kind == "binary":
+            if kind == BINARY:
                 f.write("row,logit,probability\n")
                 second = torch.sigmoid(logits.double())
-            elif kind == "regression":
+            elif kind == REGRESSION:
                 f.write("row,prediction,value\n")
                 second = units[0] + units[1] * logits.double()
             else:

@@ -32,7 +32,7 @@ except ImportError as _exc:
 from .data.base import BINARY, Batch, MultiTaskData, make_loader
 from .errors import ConfigError
 from .losses import task_losses
-from .metrics import ExpertLoad, TaskMetrics
+from .metrics import ExpertLoad, TaskMetrics, score_key
 from .models import MultiTaskModel, build_model
 
 #: Balancers in the space of updates (PUB) and their gradient-space counterparts (baselines).
@@ -310,8 +310,7 @@ class RunResult:
 
     def test_score(self, task: str) -> float:
         """The task's test AUC (binary task) or R² (regression task)."""
-        key = f"test/auc/{task}"
-        return self.test[key] if key in self.test else self.test[f"test/r2/{task}"]
+        return self.test[score_key(self.test, task)]
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -117,9 +117,15 @@ def test_losses_follow_the_task_kind() -> None:
     expected_a = F.binary_cross_entropy_with_logits(out["a"][rows_a], labels[rows_a, 0])
     torch.testing.assert_close(losses["b"], expected_b)
     torch.testing.assert_close(losses["a"], expected_a)
-    binary = task_losses(out, labels.clamp(0, 1).round(), ("a", "b"))
-    reference = task_bce(out, labels.clamp(0, 1).round(), ("a", "b"))
-    assert all(torch.equal(binary[t], reference[t]) for t in ("a", "b"))
+    zero_one = labels.clamp(0, 1).round()
+    binary = task_losses(out, zero_one, ("a", "b"))  # no kinds: every task binary, unmasked
+    for i, t in enumerate("ab"):
+        reference = F.binary_cross_entropy_with_logits(out[t], zero_one[:, i])
+        assert torch.equal(binary[t], reference) and torch.equal(
+            task_bce(out, zero_one, ("a", "b"))[t], reference
+        )
+    with pytest.raises(ValueError, match="unknown task kind"):
+        task_losses(out, labels, ("a", "b"), kinds=(BINARY, "count"))
 
 
 # --------------------------------------------------------------------------------- metrics

